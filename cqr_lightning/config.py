@@ -1,0 +1,28 @@
+"""Paths and OmegaConf resolvers shared by every entry point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+CONF_DIR = PROJECT_DIR / "conf"
+DEMO_DATA_DIR = PACKAGE_DIR / "demo_data"
+
+
+def cache_dir() -> Path:
+    """Where indexes and converted models are kept (`CQR_CACHE_DIR`, default ~/.cache/cqr_lightning)."""
+    return Path(os.environ.get("CQR_CACHE_DIR", "~/.cache/cqr_lightning")).expanduser()
+
+
+def register_resolvers() -> None:
+    """Make `${demo_data_dir:}` and `${cache_dir:}` usable in YAML; safe to call repeatedly."""
+    for name, fn in (("demo_data_dir", lambda: str(DEMO_DATA_DIR)), ("cache_dir", lambda: str(cache_dir()))):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()

@@ -1,0 +1,128 @@
+"""Evaluate a way of rewriting conversational questions against a retriever.
+
+    python -m cqr_lightning.evaluate data=jsonl data.dir=../shared/data/convsearch-pack \
+        data.eval_split=dev retriever=bm25s rewriter=raw output_dir=OUT
+
+Prints a table, writes `<output_dir>/metrics.json` and `<output_dir>/rewrites.jsonl` (query, best
+gold rank, metrics per turn) and logs params, metrics and both files to MLflow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cqr_lightning.config import CONF_DIR, register_resolvers
+from cqr_lightning.evaluation import TurnResult, format_table, score_queries, summarize
+from cqr_lightning.io_utils import write_json, write_jsonl
+from cqr_lightning.readers import turn_reader
+from cqr_lightning.records import Turn
+from cqr_lightning.rewriters import HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter, truncate_words
+
+log = logging.getLogger(__name__)
+
+
+def load_turns(cfg: DictConfig, split: str) -> list[Turn]:
+    from data_modules.conversations import read_corpus_ids
+
+    known_ids = read_corpus_ids(cfg.data.corpus) if cfg.data.get("check_positives", True) else None
+    turns = turn_reader(cfg.data, split, known_ids)()
+    return list(itertools.islice(turns, cfg.limit) if cfg.get("limit") else turns)
+
+
+def build_rewriter(cfg: DictConfig):
+    name = cfg.rewriter.name
+    if name == "raw":
+        return RawRewriter()
+    if name == "history":
+        return HistoryRewriter(cfg.rewriter.roles)
+    if name == "human":
+        return HumanRewriter()
+    if name == "model":
+        from cqr_lightning.models.loading import load_policy, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_policy(cfg.model, adapter=cfg.model.get("adapter"), trainable=False)
+        return ModelRewriter(
+            model,
+            tokenizer,
+            max_prompt_length=cfg.model.max_prompt_length,
+            max_new_tokens=cfg.rewriter.max_new_tokens,
+            batch_size=cfg.rewriter.batch_size,
+            response_format=cfg.rewriter.response_format,
+            few_shot=cfg.rewriter.few_shot,
+        )
+    raise ValueError(f"unknown rewriter '{name}': use raw, history, human or model")
+
+
+def rewrite_all(rewriter, turns: list[Turn], batch_size: int):
+    from tqdm.auto import tqdm
+
+    rewrites = []
+    with tqdm(total=len(turns), desc="rewriting", unit="turn") as bar:
+        for start in range(0, len(turns), batch_size):
+            rewrites.extend(rewriter(turns[start : start + batch_size]))
+            bar.update(min(batch_size, len(turns) - start))
+    return rewrites
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, float]:
+    from cqr_lightning.retrieval.factory import open_retriever
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    turns = load_turns(cfg, cfg.data.eval_split)
+    if not turns:
+        raise ValueError(f"no turns to evaluate in split '{cfg.data.eval_split}' of {cfg.data.dir}")
+    started = time.perf_counter()
+    rewriter = build_rewriter(cfg)
+    rewrites = rewrite_all(rewriter, turns, int(cfg.rewriter.get("batch_size", 256)))
+    queries = [truncate_words(r.query, cfg.retriever.get("max_query_words")) for r in rewrites]
+    with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
+        results = score_queries(turns, queries, retriever, k=int(cfg.retriever.get("k", 100)))
+    for result, rewrite in zip(results, rewrites, strict=True):
+        result.response, result.format_ok = rewrite.response, rewrite.format_ok
+    metrics = summarize(results)
+    if rewrites and rewrites[0].format_ok is not None:
+        metrics["format_ok"] = sum(bool(r.format_ok) for r in rewrites) / len(rewrites)
+    metrics["seconds"] = time.perf_counter() - started
+    write_json(output_dir / "metrics.json", metrics)
+    write_jsonl(output_dir / "rewrites.jsonl", (r.to_json() for r in results))
+    label = f"{cfg.rewriter.name} / {cfg.retriever.name} / {cfg.data.eval_split}"
+    print(format_table({label: metrics}))
+    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'rewrites.jsonl'}")
+    if cfg.logger.enabled:
+        log_to_mlflow(cfg, metrics, results, output_dir)
+    return metrics
+
+
+def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], output_dir: Path) -> None:
+    import mlflow
+
+    from cqr_lightning.tracking import ensure_experiment, flatten_params, metric_key
+
+    experiment_id = ensure_experiment(cfg.logger)
+    run_name = cfg.logger.get("run_name") or f"evaluate-{cfg.rewriter.name}-{cfg.retriever.name}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.log_params(flatten_params(cfg))
+        mlflow.log_metrics({metric_key(f"eval/{k}"): float(v) for k, v in metrics.items()})
+        mlflow.log_artifact(str(output_dir / "metrics.json"))
+        mlflow.log_artifact(str(output_dir / "rewrites.jsonl"))
+        log.info("MLflow run %s in %s", run.info.run_id, cfg.logger.tracking_uri)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    run_evaluation(cfg)
+
+
+register_resolvers()
+
+if __name__ == "__main__":
+    main()

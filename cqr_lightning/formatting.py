@@ -1,0 +1,29 @@
+"""Check a generated response's format and take the rewrite out of it (SPEC.md "Output format")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE
+
+_FORMATS = {
+    THINK_REWRITE: re.compile(r"^<think>.*?</think>\n<rewrite>.*?</rewrite>$", re.DOTALL),
+    REWRITE_ONLY: re.compile(r"^<rewrite>.*?</rewrite>$", re.DOTALL),
+}
+_REWRITE = re.compile(r"<rewrite>(.*?)</rewrite>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    format_ok: bool
+    rewrite: str | None  # text inside the (last) rewrite tags, stripped; None when absent or empty
+
+
+def parse_response(text: str, response_format: str = THINK_REWRITE) -> ParsedResponse:
+    if response_format not in _FORMATS:
+        raise ValueError(f"unknown response_format '{response_format}': use {' or '.join(_FORMATS)}")
+    format_ok = bool(_FORMATS[response_format].match(text.strip()))
+    found = _REWRITE.findall(text)
+    rewrite = found[-1].strip() if found else None
+    return ParsedResponse(format_ok=format_ok and bool(rewrite), rewrite=rewrite or None)

@@ -1,0 +1,88 @@
+"""File-system helpers: folders that appear complete or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMP_MARK = ".tmp-"
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `target`; rename it to `target` when the block succeeds.
+
+    The temporary folder lives in the same parent (so the final rename is atomic on one file system) and
+    is named `.<target name>.tmp-<random>`.  If the block raises, the temporary folder is deleted and
+    `target` is left untouched; a hard kill leaves only that hidden temporary folder behind, never a
+    half-written `target`.  Raises FileExistsError (after cleaning up) when `target` was created by
+    someone else in the meantime and is not an empty folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            if target.exists():
+                raise FileExistsError(f"{target} appeared while it was being built") from exc
+            raise
+        _fsync_path(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write `obj` as indented UTF-8 JSON, through a temporary file renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root`, so the rename below never publishes unwritten data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _fsync_path(path: Path) -> None:
+    """Best effort: some file systems refuse fsync on folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write one JSON object per line, through a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""Ways of turning a conversational turn into a search query (`rewriter=` in the configs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.formatting import parse_response
+from cqr_lightning.prompts import THINK_REWRITE, render_prompt
+from cqr_lightning.records import Turn
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    query: str
+    response: str | None = None  # the model's full response, for model rewriters
+    format_ok: bool | None = None
+
+
+def truncate_words(text: str, max_words: int | None) -> str:
+    if not max_words:
+        return text
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words])
+
+
+class RawRewriter:
+    """The question as asked."""
+
+    def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
+        return [Rewrite(turn.question) for turn in turns]
+
+
+class HistoryRewriter:
+    """The conversation so far (utterances of the chosen roles), then the question."""
+
+    def __init__(self, roles: Sequence[str] = ("user",)):
+        self.roles = tuple(roles)
+
+    def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
+        return [
+            Rewrite(" ".join([*(u.text for u in turn.history if u.role in self.roles), turn.question]))
+            for turn in turns
+        ]
+
+
+class HumanRewriter:
+    """The human rewrite shipped with the data."""
+
+    def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
+        missing = [turn.id for turn in turns if not turn.rewrite]
+        if missing:
+            raise ConfigError(
+                f"rewriter=human needs a human rewrite for every turn, but {len(missing)} turn(s) have none "
+                f"(first: {missing[0]}); use rewriter=raw, history or model for this data"
+            )
+        return [Rewrite(turn.rewrite) for turn in turns]
+
+
+class ModelRewriter:
+    """A causal LM (optionally with a LoRA adapter) writing `<think>..</think>\\n<rewrite>..</rewrite>`.
+
+    When the response holds no rewrite the raw question is used as the query, and the turn counts
+    as a format failure.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_prompt_length: int = 1536,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        response_format: str = THINK_REWRITE,
+        few_shot: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.response_format = response_format
+        self.few_shot = few_shot
+
+    def prompts(self, turns: Sequence[Turn]) -> list[str]:
+        return [
+            render_prompt(self.tokenizer, t, self.max_prompt_length, self.few_shot, self.response_format)
+            for t in turns
+        ]
+
+    def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
+        from cqr_lightning.models.generation import generate
+
+        samples = generate(
+            self.model,
+            self.tokenizer,
+            self.prompts(turns),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            batch_size=self.batch_size,
+        )
+        rewrites = []
+        for turn, sample in zip(turns, samples, strict=True):
+            parsed = parse_response(sample.text, self.response_format)
+            rewrites.append(Rewrite(parsed.rewrite or turn.question, sample.text, parsed.format_ok))
+        return rewrites

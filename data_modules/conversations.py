@@ -1,0 +1,155 @@
+"""Stream conversation turns lazily, shuffled through a bounded buffer, resumable mid-epoch.
+
+A training stream is deterministic for a seed: epoch e is shuffled with `Random(seed + e)`, so a
+resumed run replays the same order and skips the turns it had already trained on.  Each batch
+carries the stream position reached after it; `callbacks.StreamPositionCallback` records the
+position of the last batch actually trained on (Lightning prefetches one batch ahead, so the
+stream's own counter would run one batch early).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from cqr_lightning.readers import iter_jsonl_objects, turn_reader
+from cqr_lightning.records import Turn
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    epoch: int
+    consumed: int  # turns of this epoch already yielded
+
+
+@dataclass
+class TurnBatch:
+    turns: list[Turn]
+    position: StreamPosition
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+
+def shuffle_buffered(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
+    """Approximate shuffle keeping at most `buffer_size` items in memory."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TurnStream(IterableDataset):
+    """An iterable over turns that remembers where it is (epoch, turns consumed)."""
+
+    def __init__(
+        self,
+        make_turns: Callable[[], Iterator[Turn]],
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        limit: int | None = None,
+    ):
+        self.make_turns = make_turns
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.limit = limit
+        self.position = StreamPosition(epoch=0, consumed=0)
+
+    def __iter__(self) -> Iterator[tuple[Turn, StreamPosition]]:
+        epoch, skip = self.position.epoch, self.position.consumed
+        turns = self.make_turns()
+        if self.limit is not None:
+            turns = itertools.islice(turns, self.limit)
+        if self.shuffle_buffer > 1:
+            turns = shuffle_buffered(turns, self.shuffle_buffer, random.Random(self.seed + epoch))
+        for index, turn in enumerate(turns):
+            if index < skip:
+                continue
+            self.position = StreamPosition(epoch, index + 1)
+            yield turn, self.position
+        self.position = StreamPosition(epoch + 1, 0)
+
+
+def collate_turns(items: list[tuple[Turn, StreamPosition]]) -> TurnBatch:
+    return TurnBatch(turns=[turn for turn, _ in items], position=items[-1][1])
+
+
+def read_corpus_ids(path: str | Path) -> set[str]:
+    ids = set()
+    for line, obj in iter_jsonl_objects(path):
+        if "id" not in obj:
+            from cqr_lightning.errors import DataError
+
+            raise DataError(path, "corpus passage without 'id'", line)
+        ids.add(str(obj["id"]))
+    return ids
+
+
+class ConversationDataModule(L.LightningDataModule):
+    """Train/val/predict streams over the splits named by a `data` config."""
+
+    def __init__(
+        self,
+        data_cfg,
+        batch_size: int = 4,
+        eval_batch_size: int = 16,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        check_positives: bool = True,
+    ):
+        super().__init__()
+        self.data_cfg = data_cfg
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.train_limit = train_limit
+        self.val_limit = val_limit
+        self.check_positives = check_positives
+        self.train_position = StreamPosition(0, 0)
+        self._known_ids: set[str] | None = None
+        self._train_stream: TurnStream | None = None
+
+    def known_ids(self) -> set[str] | None:
+        if self.check_positives and self._known_ids is None and self.data_cfg.get("corpus"):
+            self._known_ids = read_corpus_ids(self.data_cfg.corpus)
+        return self._known_ids
+
+    def stream(self, split: str, shuffle: bool, limit: int | None) -> TurnStream:
+        return TurnStream(
+            turn_reader(self.data_cfg, split, self.known_ids()),
+            shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 0)) if shuffle else 0,
+            seed=int(self.data_cfg.get("seed", 0)),
+            limit=limit,
+        )
+
+    def _loader(self, stream: TurnStream, batch_size: int) -> DataLoader:
+        return DataLoader(stream, batch_size=batch_size, collate_fn=collate_turns, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_stream = self.stream(self.data_cfg.train_split, shuffle=True, limit=self.train_limit)
+        self._train_stream.position = self.train_position
+        return self._loader(self._train_stream, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.stream(self.data_cfg.eval_split, False, self.val_limit), self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Training turns in file order, for sampling rewrites (warm-up self-distillation)."""
+        return self._loader(self.stream(self.data_cfg.train_split, False, self.train_limit), self.eval_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.train_position.epoch, "consumed": self.train_position.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_position = StreamPosition(int(state["epoch"]), int(state["consumed"]))

@@ -1,0 +1,104 @@
+"""Prompt layout, truncation from the oldest exchange, and the response format check."""
+
+from __future__ import annotations
+
+import pytest
+
+from cqr_lightning.formatting import parse_response
+from cqr_lightning.models.tiny import build_tiny_tokenizer
+from cqr_lightning.prompts import REWRITE_ONLY, format_context, render_prompt, user_message
+from cqr_lightning.records import Turn, Utterance
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def make_turn(n_exchanges: int, answers: bool = True) -> Turn:
+    history = []
+    for i in range(1, n_exchanges + 1):
+        history.append(Utterance("user", f"question number {i} about the river"))
+        if answers:
+            history.append(Utterance("assistant", f"answer number {i} about the river bank"))
+    return Turn(id="t", history=tuple(history), question="how long is it?", positives=("p",))
+
+
+def test_context_block_numbers_questions_and_answers():
+    block = format_context(make_turn(2).history)
+    assert block.splitlines() == [
+        "### Context Begin ###",
+        "Q1: question number 1 about the river",
+        "A1: answer number 1 about the river bank",
+        "Q2: question number 2 about the river",
+        "A2: answer number 2 about the river bank",
+        "### Context End ###",
+    ]
+
+
+def test_history_without_answers_lists_questions_only():
+    assert "A1:" not in format_context(make_turn(3, answers=False).history)
+
+
+def test_message_ends_with_query_and_rewrite_cue():
+    message = user_message(make_turn(1).history, "how long is it?")
+    assert message.endswith("### Context End ###\n\nQuery: how long is it?\nRewrite:")
+    assert "<think>" in message and "<rewrite>" in message
+
+
+def test_few_shot_adds_one_worked_example():
+    plain = user_message((), "q")
+    few = user_message((), "q", few_shot=True)
+    assert few.count("### Context Begin ###") == plain.count("### Context Begin ###") + 1
+    assert "<rewrite> How old was Mary Shelley" in few
+
+
+def test_render_uses_chat_template(tokenizer):
+    text = render_prompt(tokenizer, make_turn(1), max_prompt_length=10_000)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_message(make_turn(1).history, "how long is it?")}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == expected
+
+
+def test_truncation_drops_oldest_exchanges_first(tokenizer):
+    turn = make_turn(8)
+    full = render_prompt(tokenizer, turn, max_prompt_length=100_000)
+    full_len = len(tokenizer(full, add_special_tokens=False)["input_ids"])
+    budget = full_len - 20
+    cut = render_prompt(tokenizer, turn, max_prompt_length=budget)
+    assert len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= budget
+    assert "question number 1 about" not in cut
+    assert "question number 8 about" in cut and "answer number 8" in cut
+    kept = [i for i in range(1, 9) if f"question number {i} about" in cut]
+    assert kept == list(range(kept[0], 9)), "a contiguous suffix of the history is kept"
+    assert "Q1: question number" in cut, "numbering restarts at the first kept question"
+
+
+def test_truncation_keeps_question_when_nothing_else_fits(tokenizer):
+    cut = render_prompt(tokenizer, make_turn(8), max_prompt_length=5)
+    assert "Query: how long is it?" in cut and "question number" not in cut
+
+
+@pytest.mark.parametrize(
+    ("text", "ok", "rewrite"),
+    [
+        ("<think> it is the Nile </think>\n<rewrite> how long is the Nile? </rewrite>", True, "how long is the Nile?"),
+        ("<think> a </think><rewrite> b </rewrite>", False, "b"),
+        ("<think> a </think>\n<rewrite> b </rewrite> trailing", False, "b"),
+        ("<rewrite> b </rewrite>", False, "b"),
+        ("<think> a </think>\n<rewrite>  </rewrite>", False, None),
+        ("no tags at all", False, None),
+        ("<think> multi\nline </think>\n<rewrite> b </rewrite>", True, "b"),
+    ],
+)
+def test_format_check(text, ok, rewrite):
+    parsed = parse_response(text)
+    assert (parsed.format_ok, parsed.rewrite) == (ok, rewrite)
+
+
+def test_rewrite_only_format():
+    assert parse_response("<rewrite> b </rewrite>", REWRITE_ONLY).format_ok
+    assert not parse_response("<think> a </think>\n<rewrite> b </rewrite>", REWRITE_ONLY).format_ok
