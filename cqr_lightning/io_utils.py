@@ -13,6 +13,10 @@ from pathlib import Path
 TEMP_MARK = ".tmp-"
 
 
+class TargetExistsError(FileExistsError):
+    """The target of an atomic write was created by someone else before ours was done."""
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to `target`; rename it to `target` when the block succeeds.
@@ -20,7 +24,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     The temporary folder lives in the same parent (so the final rename is atomic on one file system) and
     is named `.<target name>.tmp-<random>`.  If the block raises, the temporary folder is deleted and
     `target` is left untouched; a hard kill leaves only that hidden temporary folder behind, never a
-    half-written `target`.  Raises FileExistsError (after cleaning up) when `target` was created by
+    half-written `target`.  Raises TargetExistsError (after cleaning up) when `target` was created by
     someone else in the meantime and is not an empty folder.
     """
     target = Path(target)
@@ -33,7 +37,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
         except OSError as exc:
             if target.exists():
-                raise FileExistsError(f"{target} appeared while it was being built") from exc
+                raise TargetExistsError(f"{target} appeared while it was being built") from exc
             raise
         _fsync_path(target.parent)
     except BaseException:

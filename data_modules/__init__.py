@@ -1,5 +1,6 @@
 """LightningDataModules that stream conversation turns."""
 
 from data_modules.conversations import ConversationDataModule, TurnBatch, TurnStream
+from data_modules.distilled import DistilledDataModule
 
-__all__ = ["ConversationDataModule", "TurnBatch", "TurnStream"]
+__all__ = ["ConversationDataModule", "DistilledDataModule", "TurnBatch", "TurnStream"]

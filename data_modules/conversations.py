@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from cqr_lightning.errors import DataError
 from cqr_lightning.readers import iter_jsonl_objects, turn_reader
 from cqr_lightning.records import Turn
 
@@ -90,8 +91,6 @@ def read_corpus_ids(path: str | Path) -> set[str]:
     ids = set()
     for line, obj in iter_jsonl_objects(path):
         if "id" not in obj:
-            from cqr_lightning.errors import DataError
-
             raise DataError(path, "corpus passage without 'id'", line)
         ids.add(str(obj["id"]))
     return ids
@@ -125,28 +124,32 @@ class ConversationDataModule(L.LightningDataModule):
             self._known_ids = read_corpus_ids(self.data_cfg.corpus)
         return self._known_ids
 
-    def stream(self, split: str, shuffle: bool, limit: int | None) -> TurnStream:
-        return TurnStream(
-            turn_reader(self.data_cfg, split, self.known_ids()),
-            shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 0)) if shuffle else 0,
-            seed=int(self.data_cfg.get("seed", 0)),
-            limit=limit,
-        )
+    def ordered_stream(self, split: str, limit: int | None) -> TurnStream:
+        return TurnStream(turn_reader(self.data_cfg, split, self.known_ids()), limit=limit)
 
     def _loader(self, stream: TurnStream, batch_size: int) -> DataLoader:
         return DataLoader(stream, batch_size=batch_size, collate_fn=collate_turns, num_workers=0)
 
+    def train_items(self) -> Callable[[], Iterator]:
+        """Factory of the training items (turns here; subclasses stream other records)."""
+        return turn_reader(self.data_cfg, self.data_cfg.train_split, self.known_ids())
+
     def train_dataloader(self) -> DataLoader:
-        self._train_stream = self.stream(self.data_cfg.train_split, shuffle=True, limit=self.train_limit)
+        self._train_stream = TurnStream(
+            self.train_items(),
+            shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 0)),
+            seed=int(self.data_cfg.get("seed", 0)),
+            limit=self.train_limit,
+        )
         self._train_stream.position = self.train_position
         return self._loader(self._train_stream, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.stream(self.data_cfg.eval_split, False, self.val_limit), self.eval_batch_size)
+        return self._loader(self.ordered_stream(self.data_cfg.eval_split, self.val_limit), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         """Training turns in file order, for sampling rewrites (warm-up self-distillation)."""
-        return self._loader(self.stream(self.data_cfg.train_split, False, self.train_limit), self.eval_batch_size)
+        return self._loader(self.ordered_stream(self.data_cfg.train_split, self.train_limit), self.eval_batch_size)
 
     def state_dict(self) -> dict:
         return {"epoch": self.train_position.epoch, "consumed": self.train_position.consumed}

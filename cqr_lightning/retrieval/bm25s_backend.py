@@ -12,12 +12,13 @@ parameters) plus `passage_ids.json`; nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from tqdm.auto import tqdm
 
@@ -45,8 +46,9 @@ class Bm25sSettings:
     stopwords: str | list[str] | None = "en"
     token_pattern: str = LUCENE_PATTERN
 
-    # bm25s scores eagerly at index time, so every setting shapes the index.
-    INDEX_FIELDS: ClassVar[tuple[str, ...]] = ("k1", "b", "method", "stemmer", "stopwords", "token_pattern")
+    def index_settings(self) -> dict:
+        """bm25s scores eagerly at index time, so every setting shapes the index."""
+        return dataclasses.asdict(self)
 
 
 class EnglishAnalyzer:
@@ -108,10 +110,20 @@ def make_analyzer(settings: Bm25sSettings) -> EnglishAnalyzer:
     return EnglishAnalyzer(settings.token_pattern, settings.stemmer, settings.stopwords)
 
 
+def _import_bm25s():
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG at import; once any root handler exists (pyserini adds one)
+    # every index build would print debug lines.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 def build_index(corpus_path: Path, out_dir: Path, settings: Bm25sSettings, show_progress: bool = True) -> int:
     """Tokenize and score the corpus into `out_dir`; return the number of passages."""
-    import bm25s
     from bm25s.tokenization import Tokenized
+
+    bm25s = _import_bm25s()
 
     analyzer = make_analyzer(settings)
     vocab: dict[str, int] = {}
@@ -135,7 +147,7 @@ class Bm25sRetriever(Retriever):
     """Loads a saved bm25s index; queries go through the same analyzer as the passages."""
 
     def __init__(self, index_dir: Path, settings: Bm25sSettings, max_query_words: int | None = None):
-        import bm25s
+        bm25s = _import_bm25s()
 
         self.index_dir = Path(index_dir)
         self.settings = settings

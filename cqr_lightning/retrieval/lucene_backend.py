@@ -14,7 +14,6 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from tqdm.auto import tqdm
 
@@ -32,11 +31,13 @@ class LuceneSettings:
     b: float = 0.4
     threads: int | None = None  # None: all CPU cores
 
-    INDEX_FIELDS: ClassVar[tuple[str, ...]] = ()  # k1 and b are applied at search time: one Lucene index serves any k1/b
-
     @property
     def n_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
+
+    def index_settings(self) -> dict:
+        """k1 and b are applied at search time, so one Lucene index serves them all."""
+        return {"analyzer": "anserini-default-english"}
 
 
 def build_index(corpus_path: Path, out_dir: Path, settings: LuceneSettings, show_progress: bool = True) -> int:
@@ -45,7 +46,9 @@ def build_index(corpus_path: Path, out_dir: Path, settings: LuceneSettings, show
     input_dir.mkdir()
     doc_count = 0
     with open(input_dir / "corpus.jsonl", "w", encoding="utf-8") as f:
-        passages = tqdm(read_corpus(corpus_path), desc="bm25: reading corpus", unit=" passages", disable=not show_progress)
+        passages = tqdm(
+            read_corpus(corpus_path), desc="bm25: reading corpus", unit=" passages", disable=not show_progress
+        )
         for passage in passages:
             f.write(json.dumps({"id": passage.id, "contents": passage.contents}, ensure_ascii=False) + "\n")
             doc_count += 1

@@ -1,0 +1,138 @@
+"""Self-distillation for the warm-up stage (SPEC.md "Stage 1").
+
+The untuned model rewrites each training turn N times from the few-shot prompt; a sample is kept
+when it passes the format check and its rewrite ranks a gold passage at `keep_rank` or better; with
+N > 1 only the best kept sample of a turn survives.  The kept (prompt without the few-shot example,
+response) pairs are the SFT data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import lightning as L
+
+from cqr_lightning.formatting import parse_response
+from cqr_lightning.models.generation import generate
+from cqr_lightning.prompts import THINK_REWRITE, render_prompt
+from cqr_lightning.records import Turn
+
+
+@dataclass(frozen=True)
+class DistilledExample:
+    turn_id: str
+    prompt: str  # chat-rendered, without the few-shot example
+    response: str
+    rewrite: str
+    rank: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def best_sample(ranks: Sequence[int | None], format_ok: Sequence[bool], keep_rank: int) -> int | None:
+    """Index of the kept sample: format-valid, gold rank <= keep_rank, best rank first, earliest on ties."""
+    pairs = enumerate(zip(ranks, format_ok, strict=True))
+    candidates = [(rank, i) for i, (rank, ok) in pairs if ok and rank is not None and rank <= keep_rank]
+    return min(candidates)[1] if candidates else None
+
+
+def rank_bucket(rank: int | None) -> str:
+    if rank is None:
+        return "miss"
+    for label, high in (("1", 1), ("2-3", 3), ("4-10", 10), ("11-100", 100)):
+        if rank <= high:
+            return label
+    return "miss"
+
+
+def distill(
+    sampled: Iterable[tuple[Turn, list[str]]],
+    best_ranks: Callable[[list[str], list[Turn]], list[int | None]],
+    prompt_for: Callable[[Turn], str],
+    keep_rank: int = 1,
+    response_format: str = THINK_REWRITE,
+) -> tuple[list[DistilledExample], dict]:
+    """Filter sampled responses by retrieval; returns the kept examples and yield statistics.
+
+    `sampled` gives each turn with its N responses; `best_ranks(queries, turns)` is the retriever's
+    best gold rank per query; `prompt_for(turn)` renders the SFT prompt (no few-shot example).
+    """
+    kept: list[DistilledExample] = []
+    histogram: Counter = Counter()
+    turns_seen = samples_seen = format_ok_count = 0
+    for turn, responses in sampled:
+        turns_seen += 1
+        samples_seen += len(responses)
+        parsed = [parse_response(text, response_format) for text in responses]
+        ok = [p.format_ok for p in parsed]
+        format_ok_count += sum(ok)
+        ranks: list[int | None] = [None] * len(parsed)
+        valid = [i for i, flag in enumerate(ok) if flag]
+        if valid:
+            found = best_ranks([parsed[i].rewrite for i in valid], [turn] * len(valid))
+            for i, rank in zip(valid, found, strict=True):
+                ranks[i] = rank
+        histogram.update(rank_bucket(r) if flag else "bad_format" for r, flag in zip(ranks, ok, strict=True))
+        choice = best_sample(ranks, ok, keep_rank)
+        if choice is not None:
+            response, rewrite = responses[choice].strip(), parsed[choice].rewrite
+            kept.append(DistilledExample(turn.id, prompt_for(turn), response, rewrite, ranks[choice]))
+    stats = {
+        "turns": turns_seen,
+        "samples": samples_seen,
+        "format_ok_rate": format_ok_count / samples_seen if samples_seen else 0.0,
+        "kept": len(kept),
+        "yield": len(kept) / turns_seen if turns_seen else 0.0,
+        "rank_histogram": dict(histogram),
+    }
+    return kept, stats
+
+
+class RewriteSampler(L.LightningModule):
+    """Samples N few-shot rewrites per turn through Lightning's predict loop (progress bar included)."""
+
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        max_prompt_length: int,
+        num_samples: int = 1,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        response_format: str = THINK_REWRITE,
+        batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.response_format = response_format
+        self.batch_size = batch_size
+
+    def predict_step(self, batch, batch_idx: int) -> list[tuple[Turn, list[str]]]:
+        turns = batch.turns
+        fmt = self.response_format
+        prompts = [render_prompt(self.tokenizer, t, self.max_prompt_length, True, fmt) for t in turns]
+        samples = generate(
+            self.policy,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            num_return_sequences=self.num_samples,
+            batch_size=self.batch_size,
+        )
+        responses: list[list[str]] = [[] for _ in turns]
+        for sample in samples:
+            responses[sample.prompt_index].append(sample.text)
+        return list(zip(turns, responses, strict=True))

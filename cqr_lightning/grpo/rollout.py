@@ -1,0 +1,101 @@
+"""Pack sampled responses into tensors and score them with the policy.
+
+A rollout of N sequences is laid out as left-padded prompts followed by right-padded responses:
+
+    input_ids      [N, P + R]   pad ... prompt | response ... pad
+    attention_mask [N, P + R]
+    response_mask  [N, R]       1 on real response tokens
+
+so every response starts at column P, and the logits that predict it are columns P-1 .. P+R-2.
+Position ids are derived from the attention mask, as generation does, so a training forward sees
+the same positions the sampler saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cqr_lightning.grpo.losses import token_entropy, token_log_probs
+
+
+@dataclass
+class Rollout:
+    input_ids: Tensor  # [N, P + R]
+    attention_mask: Tensor  # [N, P + R]
+    response_mask: Tensor  # [N, R]
+    prompt_width: int  # P
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: slice | Tensor) -> Rollout:
+        """A sub-batch, trimmed to its longest response (saves compute on short micro-batches)."""
+        response_mask = self.response_mask[index]
+        width = int(response_mask.sum(dim=1).max().item()) if response_mask.numel() else 0
+        width = max(width, 1)
+        end = self.prompt_width + width
+        return Rollout(
+            input_ids=self.input_ids[index, :end],
+            attention_mask=self.attention_mask[index, :end],
+            response_mask=response_mask[:, :width],
+            prompt_width=self.prompt_width,
+        )
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width
+        )
+
+
+def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Rollout:
+    """Left-pad prompts and right-pad responses into one rectangular batch."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    prompt_width = max(len(p) for p in prompts)
+    response_width = max(1, max(len(r) for r in responses))
+    n = len(prompts)
+    input_ids = torch.full((n, prompt_width + response_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros((n, response_width), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        start = prompt_width - len(prompt)
+        input_ids[row, start:prompt_width] = torch.as_tensor(prompt, dtype=torch.long)
+        input_ids[row, prompt_width : prompt_width + len(response)] = torch.as_tensor(response, dtype=torch.long)
+        attention_mask[row, start : prompt_width + len(response)] = 1
+        response_mask[row, : len(response)] = 1
+    return Rollout(input_ids, attention_mask, response_mask, prompt_width)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (left padding does not shift them)."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [N, T]
+
+
+def response_log_probs(
+    model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probabilities (and optionally entropies) of the response tokens under `model`.
+
+    Logits are divided by the sampling temperature, so the probabilities are those of the distribution
+    the responses were drawn from.  Only the logits that predict response tokens are materialised.
+    Returns ([N, R], [N, R] or None); values at padded positions are meaningless and must be masked.
+    """
+    response_width = rollout.response_mask.shape[1]
+    output = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+        use_cache=False,
+        logits_to_keep=response_width + 1,
+    )
+    logits = output.logits[:, :-1, :]  # [N, R, V]: column j predicts response token j
+    if temperature != 1.0:
+        logits = logits / temperature
+    labels = rollout.input_ids[:, rollout.prompt_width :]  # [N, R]
+    logp = token_log_probs(logits, labels)
+    entropy = token_entropy(logits) if with_entropy else None
+    return logp, entropy

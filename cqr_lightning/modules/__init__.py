@@ -1,0 +1,1 @@
+"""Lightning modules: the warm-up SFT stage and the GRPO stage."""

@@ -1,0 +1,122 @@
+"""What both training stages share: the LoRA policy, retrieval-scored validation, lean checkpoints.
+
+Checkpoints hold only the trainable (LoRA) weights plus optimizer, scheduler, loop, data and RNG
+state: never the base model, which is reloaded from its source on resume.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+from cqr_lightning.formatting import parse_response
+from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_metrics
+from cqr_lightning.models.generation import generate
+from cqr_lightning.prompts import THINK_REWRITE, render_prompt
+from cqr_lightning.records import Turn
+
+
+def capture_rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+
+
+class PolicyModule(L.LightningModule):
+    """Holds `policy` (a peft model) and `tokenizer`; validates greedy rewrites with the retriever.
+
+    The retriever comes from `RetrievalRewardCallback`, which sets `self.scorer` at setup.
+    """
+
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        max_prompt_length: int = 1536,
+        max_new_tokens: int = 256,
+        response_format: str = THINK_REWRITE,
+        val_batch_size: int = 8,
+    ):
+        super().__init__()
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.response_format = response_format
+        self.val_batch_size = val_batch_size
+        self.scorer = None
+        self.extras: dict = {}  # run-level values stored with checkpoints (MLflow run id, ...)
+        self.strict_loading = False  # checkpoints carry only the LoRA weights
+        self._val_results: list[dict[str, float]] = []
+
+    def prompts(self, turns: Sequence[Turn]) -> list[str]:
+        return [render_prompt(self.tokenizer, t, self.max_prompt_length, False, self.response_format) for t in turns]
+
+    # validation: greedy rewrites scored with the retriever
+    def on_validation_epoch_start(self) -> None:
+        self._val_results = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        turns = batch.turns
+        samples = generate(
+            self.policy,
+            self.tokenizer,
+            self.prompts(turns),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            batch_size=self.val_batch_size,
+        )
+        parsed = [parse_response(s.text, self.response_format) for s in samples]
+        queries = [p.rewrite or t.question for p, t in zip(parsed, turns, strict=True)]
+        runs = self.scorer.retriever.search(queries, k=self.scorer.depth)
+        rankings = {t.id: [h.passage_id for h in hits] for t, hits in zip(turns, runs, strict=True)}
+        metrics = per_query_metrics(rankings, {t.id: list(t.positives) for t in turns})
+        for p, t in zip(parsed, turns, strict=True):
+            if t.id in metrics:
+                self._val_results.append({**metrics[t.id], "format_ok": float(p.format_ok)})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_results:
+            return
+        summary = summarize_rows(self._val_results)
+        for name in (*METRIC_NAMES, "format_ok"):
+            self.log(f"val/{name}", summary[name], prog_bar=name == "mrr@3", batch_size=len(self._val_results))
+
+    # lean, resumable checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["cqr_rng"] = capture_rng_state()
+        checkpoint["cqr_extras"] = dict(self.extras)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = trainable - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]})")
+        if "cqr_rng" in checkpoint:
+            restore_rng_state(checkpoint["cqr_rng"])
+        self.extras.update(checkpoint.get("cqr_extras", {}))
+
+
+def summarize_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Means of per-turn metric rows (with `format_ok`)."""
+    summary = aggregate_metrics({str(i): row for i, row in enumerate(rows)})
+    summary["format_ok"] = sum(r["format_ok"] for r in rows) / len(rows)
+    return summary

@@ -1,0 +1,198 @@
+"""RLModule: GRPO with the retrieval reward, manual optimisation (SPEC.md "Stage 2").
+
+One training step = one rollout batch:
+1. sample G responses per prompt (temperature, top_p, stop at </rewrite>);
+2. score them with the retrieval reward (`self.scorer`, set by RetrievalRewardCallback);
+3. group-normalised advantages;
+4. for `updates_per_rollout` passes, over micro-batches: reference log-probs (frozen warm-up adapter,
+   or the base with adapters disabled), policy log-probs with gradient, the clipped surrogate + k3 KL
+   (- entropy bonus), backward; then clip, optimizer step, scheduler step.
+With one update per rollout the "old" log-probs equal the current ones (ratio 1), so they are taken
+from the same forward pass; with more, they are computed once, without gradient, before updating.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from cqr_lightning.grpo.losses import group_advantages, grpo_loss
+from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
+from cqr_lightning.models.generation import generate
+from cqr_lightning.modules.policy import PolicyModule
+from cqr_lightning.optim import build_optimizer, build_scheduler
+
+REFERENCE_ADAPTER = "reference"
+
+
+class RLModule(PolicyModule):
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        group_size: int = 8,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        clip_eps: float = 0.2,
+        kl_beta: float = 0.001,
+        entropy_coef: float = 0.0,
+        loss_aggregation: str = "token_mean",
+        loss_constant: float | None = None,
+        scale_advantages: bool = True,
+        updates_per_rollout: int = 1,
+        micro_batch_size: int = 8,
+        max_grad_norm: float = 1.0,
+        optimizer: str = "adamw",
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        generation_batch_size: int | None = None,
+        **policy_kwargs,
+    ):
+        super().__init__(policy, tokenizer, **policy_kwargs)
+        self.automatic_optimization = False
+        self.group_size = group_size
+        self.temperature = temperature
+        self.top_p = top_p
+        self.clip_eps = clip_eps
+        self.kl_beta = kl_beta
+        self.entropy_coef = entropy_coef
+        self.loss_aggregation = loss_aggregation
+        self.loss_constant = loss_constant
+        self.scale_advantages = scale_advantages
+        self.updates_per_rollout = updates_per_rollout
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.generation_batch_size = generation_batch_size
+        self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+        self.warmup_steps = warmup_steps
+        self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
+
+    # reference policy
+    @property
+    def has_reference_adapter(self) -> bool:
+        return REFERENCE_ADAPTER in getattr(self.policy, "peft_config", {})
+
+    @contextmanager
+    def reference_policy(self):
+        """The frozen reference: the warm-up adapter kept as `reference`, else the base without adapters."""
+        if not self.has_reference_adapter:
+            with self.policy.disable_adapter():
+                yield self.policy
+            return
+        active = self.policy.active_adapter
+        self.policy.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield self.policy
+        finally:
+            self.policy.set_adapter(active)
+            self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        """peft's set_adapter toggles requires_grad; put back exactly the trained set."""
+        trainable = set(self.trainable_names)
+        for name, param in self.policy.named_parameters():
+            param.requires_grad_(name in trainable)
+
+    # rollout
+    def sample(self, turns):
+        samples = generate(
+            self.policy,
+            self.tokenizer,
+            self.prompts(turns),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            num_return_sequences=self.group_size,
+            batch_size=self.generation_batch_size,
+        )
+        samples = sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
+        return samples
+
+    def micro_batches(self, n: int):
+        for start in range(0, n, self.micro_batch_size):
+            yield slice(start, min(n, start + self.micro_batch_size))
+
+    @torch.no_grad()
+    def log_probs_no_grad(self, model, rollout: Rollout) -> torch.Tensor:
+        width = rollout.response_mask.shape[1]
+        out = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=self.device)
+        for index in self.micro_batches(len(rollout)):
+            part = rollout.select(index)
+            logp, _ = response_log_probs(model, part, self.temperature)
+            out[index, : part.response_mask.shape[1]] = logp.float()
+        return out[:, :width]
+
+    def training_step(self, batch, batch_idx: int):
+        turns = batch.turns
+        samples = self.sample(turns)
+        expanded = [turns[s.prompt_index] for s in samples]
+        rewards = self.scorer.score(expanded, [s.text for s in samples])
+        reward_tensor = torch.tensor(rewards.rewards, dtype=torch.float32, device=self.device)
+        advantages = group_advantages(reward_tensor, self.group_size, scale=self.scale_advantages)  # [N]
+        pad = self.tokenizer.pad_token_id
+        rollout = pack_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad).to(self.device)
+        n, total_tokens = len(rollout), rollout.response_mask.sum().clamp(min=1)
+
+        self.policy.train()
+        ref_logp = None
+        if self.kl_beta:
+            with self.reference_policy() as reference:
+                ref_logp = self.log_probs_no_grad(reference, rollout)
+        old_logp = self.log_probs_no_grad(self.policy, rollout) if self.updates_per_rollout > 1 else None
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        totals: dict[str, float] = {}
+        for _ in range(self.updates_per_rollout):
+            for index in self.micro_batches(n):
+                part = rollout.select(index)
+                width = part.response_mask.shape[1]
+                with_entropy = bool(self.entropy_coef)
+                logp, entropy = response_log_probs(self.policy, part, self.temperature, with_entropy=with_entropy)
+                loss, stats = grpo_loss(
+                    logp,
+                    old_logp[index, :width] if old_logp is not None else logp.detach(),
+                    ref_logp[index, :width] if ref_logp is not None else None,
+                    advantages[index],
+                    part.response_mask,
+                    clip_eps=self.clip_eps,
+                    kl_beta=self.kl_beta,
+                    entropy_coef=self.entropy_coef,
+                    entropy=entropy,
+                    mode=self.loss_aggregation,
+                    constant=self.loss_constant,
+                    num_tokens_total=float(total_tokens),
+                    num_sequences_total=float(n),
+                )
+                self.manual_backward(loss / self.updates_per_rollout)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value / self.updates_per_rollout
+        self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        grad_norm = _grad_norm(p for p in self.policy.parameters() if p.requires_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        from callbacks.retrieval_reward import reward_statistics
+
+        metrics = {f"train/{k}": v for k, v in totals.items()}
+        metrics.update({f"train/{k}": v for k, v in reward_statistics(rewards, self.group_size).items()})
+        metrics["train/response_tokens"] = float(total_tokens) / n
+        metrics["train/grad_norm"] = grad_norm
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        self.log_dict(metrics, batch_size=len(turns))
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(turns))
+        return None
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.policy.parameters(), **self.optimizer_settings)
+        scheduler = build_scheduler(optimizer, self.warmup_steps, None, "constant")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0

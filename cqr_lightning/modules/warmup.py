@@ -1,0 +1,47 @@
+"""WarmupModule: QLoRA supervised fine-tuning on the self-distilled (prompt, response) pairs."""
+
+from __future__ import annotations
+
+from cqr_lightning.modules.policy import PolicyModule
+from cqr_lightning.optim import build_optimizer, build_scheduler
+from cqr_lightning.sft import build_sft_batch, response_token_loss
+
+
+class WarmupModule(PolicyModule):
+    """Automatic optimisation; the Trainer clips gradients and accumulates. Batches hold distilled rows."""
+
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        max_length: int = 3072,
+        optimizer: str = "adamw",
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        schedule: str = "cosine",
+        **policy_kwargs,
+    ):
+        super().__init__(policy, tokenizer, **policy_kwargs)
+        self.max_length = max_length
+        self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+        self.schedule_settings = {"warmup_steps": warmup_steps, "total_steps": total_steps, "schedule": schedule}
+
+    def training_step(self, batch, batch_idx: int):
+        rows = batch.turns
+        tensors = build_sft_batch(
+            self.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], self.max_length
+        )
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        logits = self.policy(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+        loss = response_token_loss(logits, tensors["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(rows))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.policy.parameters(), **self.optimizer_settings)
+        scheduler = build_scheduler(optimizer, **self.schedule_settings)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,346 @@
+"""The training stages behind `train.py`: warm-up, RL, and the pipeline that chains them.
+
+Each stage works in its own folder of the run directory:
+
+    <run_dir>/warmup/  distilled.jsonl, distill_stats.json, checkpoints/, adapter/, curves.*
+    <run_dir>/rl/      checkpoints/, best_adapter/, adapter/, curves.*
+    <run_dir>/eval/    one evaluation folder per compared rewriter, summary.json
+
+A stage whose final adapter exists is not run again; a stage with a `checkpoints/last.ckpt` resumes
+from it (`resume: true`), in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.best_adapter import BestAdapterCallback
+from callbacks.retrieval_reward import RetrievalRewardCallback
+from callbacks.stream_position import StreamPositionCallback
+from callbacks.training_curves import TrainingCurvesCallback
+from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.io_utils import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def make_logger(cfg: DictConfig, stage: str, run_dir: Path, run_id: str | None = None):
+    """An MLflow logger for one stage (None when logging is off); params are the resolved config."""
+    if not cfg.logger.enabled:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from cqr_lightning.tracking import artifact_location, ensure_experiment, flatten_params, tracking_uri
+
+    ensure_experiment(cfg.logger)
+    logger = MLFlowLogger(
+        experiment_name=cfg.logger.experiment_name,
+        run_name=cfg.logger.get("run_name") or f"{stage}-{run_dir.name}",
+        tracking_uri=tracking_uri(cfg.logger),
+        artifact_location=artifact_location(cfg.logger),
+        run_id=run_id,
+        tags={"stage": stage, "run_dir": str(run_dir.resolve())},
+    )
+    if run_id is None:
+        logger.log_hyperparams(flatten_params(cfg))
+    return logger
+
+
+def checkpoint_to_resume(cfg: DictConfig, stage_dir: Path) -> str | None:
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(cfg.ckpt_path)
+    last = stage_dir / "checkpoints" / LAST_CHECKPOINT
+    return str(last) if cfg.get("resume", True) and last.is_file() else None
+
+
+def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger, callbacks: list, **kwargs):
+    checkpoint = ModelCheckpoint(
+        dirpath=stage_dir / "checkpoints",
+        every_n_train_steps=int(stage_cfg.checkpoint_every_n_steps),
+        save_last=True,
+        save_top_k=1,
+    )
+    return L.Trainer(
+        default_root_dir=stage_dir,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=[*callbacks, StreamPositionCallback(), checkpoint],
+        plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        val_check_interval=int(stage_cfg.val_every_n_steps),
+        check_val_every_n_epoch=None,
+        **kwargs,
+    )
+
+
+def load_model(cfg: DictConfig, adapter: str | None):
+    from cqr_lightning.models.loading import load_policy, load_tokenizer
+
+    return load_policy(cfg.model, adapter=adapter), load_tokenizer(cfg.model)
+
+
+def open_stage_retriever(cfg: DictConfig):
+    from cqr_lightning.retrieval.factory import open_retriever
+
+    return open_retriever(cfg.retriever, cfg.data.corpus)
+
+
+def log_artifacts(logger, *paths: Path) -> None:
+    if logger is None:
+        return
+    for path in paths:
+        if path.is_dir():
+            logger.experiment.log_artifacts(logger.run_id, str(path), artifact_path=path.name)
+        elif path.exists():
+            logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def final_adapter(stage_dir: Path) -> Path:
+    return stage_dir / "adapter"
+
+
+# --- warm-up ---------------------------------------------------------------------------------------
+
+
+def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, logger) -> Path:
+    """Sample, filter by retrieval and write `distilled.jsonl` (reused when present unless told not to)."""
+    from cqr_lightning.distill import RewriteSampler, distill
+    from cqr_lightning.prompts import render_prompt
+    from data_modules.conversations import ConversationDataModule
+
+    w = cfg.warmup
+    distilled_path = stage_dir / "distilled.jsonl"
+    if distilled_path.exists() and w.reuse_distilled:
+        log.info("reusing %s", distilled_path)
+        return distilled_path
+    sampler = RewriteSampler(
+        policy,
+        tokenizer,
+        max_prompt_length=cfg.model.max_prompt_length,
+        num_samples=w.num_samples,
+        temperature=w.temperature,
+        top_p=w.top_p,
+        max_new_tokens=w.max_new_tokens,
+        response_format=cfg.response_format,
+    )
+    datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_model_summary=False, callbacks=[]
+    )
+    batches = trainer.predict(sampler, datamodule=datamodule)
+    sampled = [pair for batch in batches for pair in batch]
+
+    def prompt_for(turn):
+        return render_prompt(tokenizer, turn, cfg.model.max_prompt_length, False, cfg.response_format)
+
+    kept, stats = distill(sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format)
+    write_jsonl(distilled_path, (example.to_json() for example in kept))
+    write_json(stage_dir / "distill_stats.json", stats)
+    log.info("self-distillation kept %d of %d turns (yield %.3f)", stats["kept"], stats["turns"], stats["yield"])
+    if logger is not None:
+        logger.log_metrics({f"distill/{k}": float(v) for k, v in stats.items() if not isinstance(v, dict)})
+        for bucket, count in stats["rank_histogram"].items():
+            logger.log_metrics({f"distill/rank_{bucket.replace('-', '_')}": float(count)})
+        log_artifacts(logger, distilled_path, stage_dir / "distill_stats.json")
+    return distilled_path
+
+
+def count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
+    from cqr_lightning.modules.warmup import WarmupModule
+    from data_modules.distilled import DistilledDataModule
+
+    stage_dir = run_dir / "warmup"
+    if final_adapter(stage_dir).is_dir():
+        log.info("warm-up already finished: %s", final_adapter(stage_dir))
+        return final_adapter(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    w = cfg.warmup
+    ckpt = checkpoint_to_resume(cfg, stage_dir)
+    run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
+    logger = make_logger(cfg, "warmup", run_dir, run_id)
+    policy, tokenizer = load_model(cfg, cfg.model.get("adapter"))
+    with open_stage_retriever(cfg) as retriever:
+        scorer = RetrievalRewardCallback(
+            cfg.retriever, cfg.data.corpus, response_format=cfg.response_format, retriever=retriever
+        )
+        distilled = self_distill(cfg, stage_dir, policy, tokenizer, scorer, logger)
+        n_examples = count_lines(distilled)
+        if n_examples == 0:
+            raise ConfigError(
+                f"self-distillation kept no sample ({stage_dir / 'distill_stats.json'}): raise warmup.num_samples, "
+                "loosen warmup.keep_rank, or use response_format=rewrite_only for a small model"
+            )
+        steps_per_epoch = math.ceil(n_examples / w.batch_size / w.accumulate_grad_batches)
+        total_steps = steps_per_epoch * w.epochs
+        module = WarmupModule(
+            policy,
+            tokenizer,
+            max_length=w.max_length,
+            optimizer=w.optimizer,
+            lr=w.lr,
+            betas=tuple(w.betas),
+            weight_decay=w.weight_decay,
+            warmup_steps=int(w.warmup_ratio * total_steps),
+            total_steps=total_steps,
+            schedule=w.schedule,
+            max_prompt_length=cfg.model.max_prompt_length,
+            max_new_tokens=w.max_new_tokens,
+            response_format=cfg.response_format,
+            val_batch_size=w.val_batch_size,
+        )
+        if logger is not None:
+            module.extras["mlflow_run_id"] = logger.run_id
+        datamodule = DistilledDataModule(
+            distilled, cfg.data, batch_size=w.batch_size, eval_batch_size=w.val_batch_size, val_limit=w.val_limit
+        )
+        trainer = make_trainer(
+            cfg,
+            w,
+            stage_dir,
+            logger,
+            [scorer, TrainingCurvesCallback(str(stage_dir), "train/loss"), BestAdapterCallback(str(stage_dir))],
+            max_steps=total_steps,
+            gradient_clip_val=w.gradient_clip_val,
+            accumulate_grad_batches=w.accumulate_grad_batches,
+        )
+        if w.validate_before and ckpt is None:
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)
+            write_json(stage_dir / "val_before.json", before[0] if before else {})
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        after = trainer.validate(module, datamodule=datamodule, verbose=False)
+        write_json(stage_dir / "val_after.json", after[0] if after else {})
+    from cqr_lightning.models.loading import save_adapter
+
+    save_adapter(policy, final_adapter(stage_dir))
+    log_artifacts(logger, final_adapter(stage_dir))
+    return final_adapter(stage_dir)
+
+
+# --- RL --------------------------------------------------------------------------------------------
+
+
+def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
+    from cqr_lightning.models.loading import load_adapter, save_adapter
+    from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
+    from data_modules.conversations import ConversationDataModule
+
+    stage_dir = run_dir / "rl"
+    if final_adapter(stage_dir).is_dir():
+        log.info("RL already finished: %s", final_adapter(stage_dir))
+        return final_adapter(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    r = cfg.rl
+    ckpt = checkpoint_to_resume(cfg, stage_dir)
+    run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
+    logger = make_logger(cfg, "rl", run_dir, run_id)
+    policy, tokenizer = load_model(cfg, adapter)
+    if adapter:
+        load_adapter(policy, adapter, trainable=False, adapter_name=REFERENCE_ADAPTER)
+        policy.set_adapter("default")
+    module = RLModule(
+        policy,
+        tokenizer,
+        group_size=r.group_size,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        clip_eps=r.clip_eps,
+        kl_beta=r.kl_beta,
+        entropy_coef=r.entropy_coef,
+        loss_aggregation=r.loss_aggregation,
+        loss_constant=r.get("loss_constant"),
+        scale_advantages=r.scale_advantages,
+        updates_per_rollout=r.updates_per_rollout,
+        micro_batch_size=r.micro_batch_size,
+        max_grad_norm=r.max_grad_norm,
+        optimizer=r.optimizer,
+        lr=r.lr,
+        betas=tuple(r.betas),
+        weight_decay=r.weight_decay,
+        warmup_steps=r.warmup_steps,
+        generation_batch_size=r.get("generation_batch_size"),
+        max_prompt_length=cfg.model.max_prompt_length,
+        max_new_tokens=r.max_new_tokens,
+        response_format=cfg.response_format,
+        val_batch_size=r.val_batch_size,
+    )
+    module._restore_trainable()
+    if logger is not None:
+        module.extras["mlflow_run_id"] = logger.run_id
+    datamodule = ConversationDataModule(
+        cfg.data, batch_size=r.batch_size, eval_batch_size=r.val_batch_size, val_limit=r.val_limit
+    )
+    scorer = RetrievalRewardCallback(
+        cfg.retriever,
+        cfg.data.corpus,
+        reward=r.reward,
+        response_format=cfg.response_format,
+        max_query_words=r.max_query_words,
+        table_every_n_steps=r.table_every_n_steps,
+    )
+    trainer = make_trainer(
+        cfg,
+        r,
+        stage_dir,
+        logger,
+        [scorer, TrainingCurvesCallback(str(stage_dir)), BestAdapterCallback(str(stage_dir))],
+        max_steps=r.max_steps,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    save_adapter(policy, final_adapter(stage_dir), adapter_name="default")
+    log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
+    return final_adapter(stage_dir)
+
+
+# --- evaluation after training ----------------------------------------------------------------------
+
+
+def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str | None]) -> dict[str, dict]:
+    """Evaluate raw questions and the model with each adapter on the eval split; print one table."""
+    from cqr_lightning.evaluate import run_evaluation
+    from cqr_lightning.evaluation import format_table
+
+    rows: dict[str, dict] = {}
+    base = OmegaConf.to_container(cfg, resolve=True)
+    jobs = [("raw question", {"rewriter": {"name": "raw"}})]
+    for label, adapter in adapters.items():
+        rewriter = {**OmegaConf.to_container(cfg.eval.rewriter, resolve=True), "name": "model"}
+        jobs.append((label, {"rewriter": rewriter, "model": {**base["model"], "adapter": adapter}}))
+    for label, overrides in jobs:
+        job_cfg = OmegaConf.merge(base, overrides, {"output_dir": str(run_dir / "eval" / slug(label))})
+        job_cfg.logger.run_name = f"evaluate-{slug(label)}-{run_dir.name}"
+        rows[label] = run_evaluation(job_cfg)
+    print("\n" + format_table(rows))
+    write_json(run_dir / "eval" / "summary.json", rows)
+    return rows
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict]:
+    warm = run_warmup(cfg, run_dir) if cfg.pipeline.warmup else cfg.model.get("adapter")
+    trained = run_rl(cfg, run_dir, str(warm) if warm else None)
+    adapters = {"untuned model": None}
+    if cfg.pipeline.warmup:
+        adapters["after warm-up"] = str(warm)
+    adapters["after GRPO"] = str(trained)
+    return evaluate_rewriters(cfg, run_dir, adapters)

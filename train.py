@@ -1,0 +1,47 @@
+"""Train a conversational query rewriter: `python train.py [stage=pipeline|warmup|rl] [key=value ...]`.
+
+See conf/train.yaml for every setting; `python train.py --cfg job` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from cqr_lightning.config import CONF_DIR, register_resolvers
+from cqr_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+STAGES = ("pipeline", "warmup", "rl")
+
+
+def run(cfg: DictConfig):
+    from cqr_lightning import stages
+
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.stage == "warmup":
+        return stages.run_warmup(cfg, run_dir)
+    if cfg.stage == "rl":
+        return stages.run_rl(cfg, run_dir, cfg.model.get("adapter"))
+    return stages.run_pipeline(cfg, run_dir)
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    result = run(cfg)
+    log.info("done: %s", result if not isinstance(result, dict) else Path(cfg.run_dir) / "eval" / "summary.json")
+
+
+if __name__ == "__main__":
+    main()
