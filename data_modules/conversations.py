@@ -29,10 +29,16 @@ class StreamPosition:
     consumed: int  # turns of this epoch already yielded
 
 
-@dataclass
 class TurnBatch:
-    turns: list[Turn]
-    position: StreamPosition
+    """Turns (or other records) of one batch and the stream position after it.
+
+    A plain class on purpose: Lightning moves dataclass batches to the device field by field, which
+    fails on frozen records; text batches need no moving.
+    """
+
+    def __init__(self, turns: list, position: StreamPosition):
+        self.turns = turns
+        self.position = position
 
     def __len__(self) -> int:
         return len(self.turns)

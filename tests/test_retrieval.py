@@ -28,7 +28,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 PASSAGES = {
     "eiffel": ("Eiffel Tower", "The Eiffel Tower is a wrought-iron lattice tower in Paris, France, completed in 1889."),
-    "great-wall": ("Great Wall of China", "The Great Wall of China is a series of fortifications across northern China."),
+    "great-wall": ("Great Wall of China", "The Great Wall of China is a line of fortifications across northern China."),
     "photosynthesis": (
         "Photosynthesis",
         "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make sugar.",
@@ -38,7 +38,7 @@ PASSAGES = {
     "mona-lisa": ("Mona Lisa", "The Mona Lisa is a portrait painted by Leonardo da Vinci, shown at the Louvre museum."),
     "everest": ("Mount Everest", "Mount Everest is the highest mountain above sea level, in the Himalayas of Nepal."),
     "coffee": ("Coffee", "Coffee is a brewed drink prepared from roasted coffee beans, the seeds of Coffea berries."),
-    "shakespeare": ("William Shakespeare", "William Shakespeare was an English playwright who wrote Hamlet and Macbeth."),
+    "shakespeare": ("William Shakespeare", "William Shakespeare was an English playwright who wrote Hamlet."),
     "amazon": ("Amazon River", "The Amazon River in South America carries more water than any other river."),
     "dna": ("DNA", "DNA is a molecule of two chains coiled into a double helix that carries genetic instructions."),
     "bicycle": ("Bicycle", "A bicycle is a pedal-driven, human-powered vehicle with two wheels attached to a frame."),

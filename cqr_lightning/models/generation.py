@@ -42,9 +42,7 @@ def _first_stop_end(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(ends) if ends else None
 
 
-def truncate_at_stop(
-    token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]
-) -> tuple[list[int], bool]:
+def truncate_at_stop(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], bool]:
     """Cut `token_ids` right after the first token whose decoded prefix contains a stop string.
 
     Returns the kept ids and whether a stop string was found. A binary search over prefix lengths needs

@@ -47,9 +47,7 @@ def resolve_gguf(name_or_path: str | None, gguf_file: str) -> Path:
     if not path.is_absolute() and name_or_path:
         path = Path(name_or_path) / gguf_file
     if not path.is_file():
-        raise ConfigError(
-            f"model.gguf_file: {path} is not a file (GGUF files are read from a local folder, not a hub)"
-        )
+        raise ConfigError(f"model.gguf_file: {path} is not a file (GGUF files are read from a local folder, not a hub)")
     return path
 
 

@@ -225,7 +225,9 @@ def fix_cpu_4bit_gradients(model: torch.nn.Module) -> int:
 
     On CPUs with AVX512-BF16, a forward pass in eval mode without gradients (as in `generate`) repacks each
     `Linear4bit` weight into a layout whose matmul has no backward: a later training step then silently
-    gives most LoRA parameters no gradient. Weights already repacked are converted back.
+    gives most LoRA parameters wrong gradients (the repacked matmul has no backward, with only a warning).
+    Weights already repacked are converted back, but only approximately (the repacking rounded their
+    block scales to bf16), so call this before the first `generate`, as `load_policy` does.
     """
     import bitsandbytes as bnb
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse

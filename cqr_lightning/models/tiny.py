@@ -35,7 +35,8 @@ CHAT_TEMPLATE = (
 BUILTIN_TEXTS = (
     "Rewrite the question so that it can be understood without the conversation.",
     "Resolve every pronoun and fill in what the user left out, then write the rewrite.",
-    "<think> The user asks about the author mentioned earlier. </think>\n<rewrite> When was the author born? </rewrite>",
+    "<think> The user asks about the author mentioned earlier. </think>\n"
+    "<rewrite> When was the author born? </rewrite>",
     "<think> It refers to the Eiffel Tower. </think>\n<rewrite> How tall is the Eiffel Tower? </rewrite>",
     "### Context Begin ###\nQ1: Who wrote Pride and Prejudice?\nA1: Jane Austen.\n### Context End ###",
     "Query: when did she die?\nRewrite:",

@@ -64,6 +64,7 @@ class PolicyModule(L.LightningModule):
         self.extras: dict = {}  # run-level values stored with checkpoints (MLflow run id, ...)
         self.strict_loading = False  # checkpoints carry only the LoRA weights
         self._val_results: list[dict[str, float]] = []
+        self._pending_rng: dict | None = None
 
     def prompts(self, turns: Sequence[Turn]) -> list[str]:
         return [render_prompt(self.tokenizer, t, self.max_prompt_length, False, self.response_format) for t in turns]
@@ -110,9 +111,15 @@ class PolicyModule(L.LightningModule):
         missing = trainable - set(checkpoint["state_dict"])
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]})")
-        if "cqr_rng" in checkpoint:
-            restore_rng_state(checkpoint["cqr_rng"])
+        self._pending_rng = checkpoint.get("cqr_rng")
         self.extras.update(checkpoint.get("cqr_extras", {}))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored here, not at load time: Lightning draws random numbers while it sets up the data
+        # loaders between the two, which the uninterrupted run did before the checkpoint was taken.
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
 
 
 def summarize_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -69,6 +69,7 @@ class RLModule(PolicyModule):
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.warmup_steps = warmup_steps
         self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
+        disable_dropout(policy)
 
     # reference policy
     @property
@@ -129,8 +130,11 @@ class RLModule(PolicyModule):
     def training_step(self, batch, batch_idx: int):
         turns = batch.turns
         samples = self.sample(turns)
-        expanded = [turns[s.prompt_index] for s in samples]
-        rewards = self.scorer.score(expanded, [s.text for s in samples])
+        rewards = self.scorer.score([turns[s.prompt_index] for s in samples], [s.text for s in samples])
+        self.update(samples, rewards, n_prompts=len(turns))
+
+    def update(self, samples, rewards, n_prompts: int) -> dict[str, float]:
+        """One GRPO optimizer step on group-contiguous `samples` with their `rewards` (a RewardBatch)."""
         reward_tensor = torch.tensor(rewards.rewards, dtype=torch.float32, device=self.device)
         advantages = group_advantages(reward_tensor, self.group_size, scale=self.scale_advantages)  # [N]
         pad = self.tokenizer.pad_token_id
@@ -183,14 +187,21 @@ class RLModule(PolicyModule):
         metrics["train/response_tokens"] = float(total_tokens) / n
         metrics["train/grad_norm"] = grad_norm
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        self.log_dict(metrics, batch_size=len(turns))
-        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(turns))
-        return None
+        self.log_dict(metrics, batch_size=n_prompts)
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=n_prompts)
+        return metrics
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.policy.parameters(), **self.optimizer_settings)
         scheduler = build_scheduler(optimizer, self.warmup_steps, None, "constant")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Sampling, old, reference and trained log-probs must come from one function: no dropout in RL."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def _grad_norm(params) -> float:

@@ -1,0 +1,196 @@
+"""Generation on CPU with the tiny 4-bit model; scripted outputs check stopping and truncation."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from cqr_lightning.models.generation import GeneratedSample, generate, truncate_at_stop
+from cqr_lightning.models.loading import ModelConfig, load_policy, load_tokenizer
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+RESPONSE = "<think> she is Jane Austen </think>\n<rewrite> When did Jane Austen die? </rewrite>"
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CQR_CACHE_DIR", str(tmp_path_factory.mktemp("cqr_cache")))
+        yield ModelConfig.from_cfg(OmegaConf.load(CONF_DIR / "tiny.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_cfg):
+    return load_tokenizer(tiny_cfg)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_cfg):
+    torch.manual_seed(0)
+    return load_policy(tiny_cfg)
+
+
+def chat(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[str]:
+    return [
+        chat(tokenizer, "Query: when did she die?\nRewrite:"),
+        chat(
+            tokenizer,
+            "### Context Begin ###\nQ1: Who wrote Pride and Prejudice?\nA1: Jane Austen.\n"
+            "### Context End ###\n\nQuery: when did she die?\nRewrite:",
+        ),
+    ]
+
+
+class Script(LogitsProcessor):
+    """Forces row i of the batch to emit `rows[i]` token by token (the last token repeats)."""
+
+    def __init__(self, rows: list[list[int]], prompt_width: int):
+        self.rows = rows
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        forced = torch.full_like(scores, float("-inf"))
+        for row, tokens in enumerate(self.rows):
+            forced[row, tokens[min(step, len(tokens) - 1)]] = 0.0
+        return forced
+
+
+def scripted(model, monkeypatch, rows: list[list[int]], prompt_width: int):
+    monkeypatch.setattr(
+        model, "generate", partial(model.generate, logits_processor=LogitsProcessorList([Script(rows, prompt_width)]))
+    )
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_truncate_at_stop_cuts_after_the_closing_tag(tokenizer):
+    tokens = ids(tokenizer, RESPONSE + " and then more words")
+    kept, stopped = truncate_at_stop(tokens, tokenizer, ["</rewrite>"])
+    assert stopped
+    assert tokenizer.decode(kept) == RESPONSE
+    assert kept == tokens[: len(kept)]
+
+
+def test_truncate_at_stop_keeps_the_token_that_completes_the_stop_string(tokenizer):
+    tokens = ids(tokenizer, "the rewrite is done")
+    kept, stopped = truncate_at_stop(tokens, tokenizer, ["rew"])
+    assert stopped
+    text = tokenizer.decode(kept)
+    assert "rew" in text and "rew" not in tokenizer.decode(kept[:-1])
+
+
+def test_truncate_at_stop_picks_the_earliest_stop_string(tokenizer):
+    tokens = ids(tokenizer, RESPONSE)
+    kept, stopped = truncate_at_stop(tokens, tokenizer, ["</rewrite>", "</think>"])
+    assert stopped and tokenizer.decode(kept) == "<think> she is Jane Austen </think>"
+
+
+def test_truncate_at_stop_without_a_stop_string(tokenizer):
+    tokens = ids(tokenizer, "<think> no tag closes here")
+    assert truncate_at_stop(tokens, tokenizer, ["</rewrite>"]) == (tokens, False)
+    assert truncate_at_stop(tokens, tokenizer, []) == (tokens, False)
+    assert truncate_at_stop([], tokenizer, ["</rewrite>"]) == ([], False)
+
+
+def test_scripted_generation_stops_at_rewrite_eos_or_length(policy, tokenizer, prompts, monkeypatch):
+    batch = [prompts[0], prompts[1], prompts[0]]
+    width = max(len(ids(tokenizer, p)) for p in batch)
+    stop_row = ids(tokenizer, RESPONSE + " extra words after the tag")
+    eos_row = ids(tokenizer, "<think> cut short") + [tokenizer.eos_token_id, 5, 6]
+    long_row = ids(tokenizer, "the river flows through the valley before it reaches the sea")
+    scripted(policy, monkeypatch, [stop_row, eos_row, long_row], width)
+
+    samples = generate(policy, tokenizer, batch, max_new_tokens=8 + len(stop_row))
+    assert [s.finish_reason for s in samples] == ["stop", "eos", "length"]
+    assert samples[0].text == RESPONSE
+    assert list(samples[0].response_ids) == ids(tokenizer, RESPONSE)
+    assert samples[1].text == "<think> cut short"
+    assert tokenizer.eos_token_id not in samples[1].response_ids
+    assert tokenizer.pad_token_id not in samples[1].response_ids
+    assert len(samples[2].response_ids) == 8 + len(stop_row)
+    for sample, prompt in zip(samples, batch, strict=True):
+        assert list(sample.prompt_ids) == ids(tokenizer, prompt)
+
+
+def test_generate_stops_the_batch_once_every_row_hit_the_tag(policy, tokenizer, prompts, monkeypatch):
+    width = max(len(ids(tokenizer, p)) for p in prompts)
+    row = ids(tokenizer, RESPONSE + " never reached")
+    scripted(policy, monkeypatch, [row, row], width)
+    calls = []
+    inner = policy.generate
+    monkeypatch.setattr(policy, "generate", lambda **kw: calls.append(out := inner(**kw)) or out)
+    samples = generate(policy, tokenizer, prompts, max_new_tokens=100)
+    assert [s.finish_reason for s in samples] == ["stop", "stop"]
+    assert calls[0].shape[1] == width + len(ids(tokenizer, RESPONSE))
+
+
+def test_num_return_sequences_per_prompt_in_order(policy, tokenizer, prompts):
+    samples = generate(
+        policy, tokenizer, prompts, max_new_tokens=5, do_sample=True, temperature=1.0, num_return_sequences=3, seed=0
+    )
+    assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert all(isinstance(s, GeneratedSample) and 0 < len(s.response_ids) <= 5 for s in samples)
+    assert len({s.response_ids for s in samples}) > 1
+
+
+def test_sampling_is_reproducible_with_a_seed(policy, tokenizer, prompts):
+    options = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.0, "top_p": 0.95, "num_return_sequences": 2}
+    state = torch.get_rng_state()
+    first = generate(policy, tokenizer, prompts, seed=7, **options)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left alone
+    assert generate(policy, tokenizer, prompts, seed=7, **options) == first
+    assert generate(policy, tokenizer, prompts, seed=8, **options) != first
+
+    torch.manual_seed(11)
+    global_seeded = generate(policy, tokenizer, prompts, **options)
+    torch.manual_seed(11)
+    assert generate(policy, tokenizer, prompts, **options) == global_seeded
+
+
+def test_left_padding_does_not_change_greedy_output(policy, tokenizer, prompts):
+    short, long = prompts
+    assert len(ids(tokenizer, long)) > len(ids(tokenizer, short)) + 10
+    alone = generate(policy, tokenizer, [short], max_new_tokens=12, stop_strings=())
+    batched = generate(policy, tokenizer, [long, short], max_new_tokens=12, stop_strings=())
+    one_by_one = generate(policy, tokenizer, [long, short], max_new_tokens=12, stop_strings=(), batch_size=1)
+    assert len(alone[0].response_ids) == 12
+    assert batched[1].response_ids == alone[0].response_ids
+    assert batched[1].prompt_ids == alone[0].prompt_ids
+    assert [s.response_ids for s in one_by_one] == [s.response_ids for s in batched]
+    assert [s.prompt_index for s in one_by_one] == [0, 1]
+
+
+def test_generate_restores_the_training_mode(policy, tokenizer, prompts):
+    policy.train()
+    generate(policy, tokenizer, prompts[:1], max_new_tokens=2)
+    assert policy.training
+    policy.eval()
+    generate(policy, tokenizer, prompts[:1], max_new_tokens=2)
+    assert not policy.training
+    policy.train()
+
+
+def test_generate_restores_the_mode_after_an_error(policy, tokenizer, prompts, monkeypatch):
+    def fail(**kwargs):
+        raise RuntimeError("out of memory")
+
+    policy.train()
+    monkeypatch.setattr(policy, "generate", fail)
+    with pytest.raises(RuntimeError):
+        generate(policy, tokenizer, prompts, max_new_tokens=2)
+    assert policy.training

@@ -1,0 +1,179 @@
+"""Warm-up stage: the retrieval filter, response-only loss, SFT learning, and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.retrieval_reward import RetrievalRewardCallback
+from callbacks.stream_position import StreamPositionCallback
+from cqr_lightning.checkpointing import AtomicCheckpointIO
+from cqr_lightning.distill import best_sample, distill
+from cqr_lightning.models.loading import load_policy, load_tokenizer
+from cqr_lightning.modules.warmup import WarmupModule
+from cqr_lightning.prompts import render_prompt
+from cqr_lightning.readers import read_jsonl_turns
+from cqr_lightning.retrieval.base import best_gold_rank
+from cqr_lightning.retrieval.factory import open_retriever
+from cqr_lightning.sft import IGNORE_INDEX, build_sft_batch, response_token_loss
+from data_modules.distilled import DistilledDataModule
+
+
+@pytest.fixture(scope="module")
+def retriever(bm25s_cfg, data_cfg):
+    with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_cfg):
+    return load_tokenizer(tiny_model_cfg)
+
+
+def response(rewrite: str) -> str:
+    return f"<think> resolve the reference </think>\n<rewrite> {rewrite} </rewrite>"
+
+
+def test_best_sample_prefers_best_rank_then_earliest():
+    assert best_sample([3, 1, 1], [True, True, True], keep_rank=1) == 1
+    assert best_sample([1, 1], [False, True], keep_rank=1) == 1
+    assert best_sample([2, None], [True, True], keep_rank=1) is None
+    assert best_sample([2, 5], [True, True], keep_rank=3) == 0
+
+
+def test_filter_keeps_exactly_the_samples_that_rank_a_gold_passage_first(retriever, data_cfg, tokenizer):
+    turns = list(read_jsonl_turns(f"{data_cfg.dir}/train.jsonl"))
+    # A scripted generator: per turn a good rewrite, the raw question, junk and a badly formatted answer.
+    scripted = [
+        (turn, [response(turn.rewrite), response(turn.question), response("zebra violin"), turn.rewrite])
+        for turn in turns
+    ]
+    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    kept, stats = distill(scripted, scorer.best_ranks, lambda t: render_prompt(tokenizer, t, 256), keep_rank=1)
+    expected = {}
+    for turn, responses in scripted:
+        for text, query in zip(responses[:3], [turn.rewrite, turn.question, "zebra violin"], strict=True):
+            rank = best_gold_rank(retriever.search([query], k=100)[0], turn.positives)
+            if rank == 1:
+                expected[turn.id] = text
+                break
+    assert expected, "the fixture must have turns whose rewrite ranks first"
+    assert {e.turn_id: e.response for e in kept} == expected
+    assert all(e.rank == 1 for e in kept)
+    assert stats["kept"] == len(expected) and stats["turns"] == len(turns)
+    assert stats["format_ok_rate"] == pytest.approx(3 / 4)
+    assert sum(stats["rank_histogram"].values()) == 4 * len(turns)
+    assert stats["rank_histogram"]["bad_format"] == len(turns)
+    assert all("Here is an example" not in e.prompt for e in kept), "SFT prompts carry no few-shot example"
+
+
+def test_only_response_tokens_carry_loss(tokenizer):
+    batch = build_sft_batch(tokenizer, ["prompt words here", "a much longer prompt with more words"], ["yes", "no"], 64)
+    labels = batch["labels"]
+    for row, prompt in enumerate(["prompt words here", "a much longer prompt with more words"]):
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert (labels[row, :n_prompt] == IGNORE_INDEX).all()
+        assert labels[row, n_prompt] != IGNORE_INDEX
+    logits = torch.randn(*labels.shape, 50, requires_grad=True)
+    labels = labels.clamp(max=49).masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+    response_token_loss(logits, labels).backward()
+    trained_positions = labels[:, 1:] != IGNORE_INDEX  # logits[t] predicts labels[t + 1]
+    grad_per_position = logits.grad[:, :-1].abs().sum(-1)
+    assert (grad_per_position[trained_positions] > 0).all()
+    assert (grad_per_position[~trained_positions] == 0).all()
+    assert (logits.grad[:, -1] == 0).all()
+
+
+def write_distilled(path, tokenizer, n: int = 4):
+    rows = [
+        {
+            "turn_id": f"t{i}",
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Query: question {i}\nRewrite:"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            "response": response(f"what is the answer to question {i}"),
+            "rewrite": f"what is the answer to question {i}",
+            "rank": 1,
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_module(tiny_model_cfg, tokenizer, total_steps: int, lr: float = 5e-3):
+    torch.manual_seed(0)
+    policy = load_policy(tiny_model_cfg)
+    module = WarmupModule(
+        policy, tokenizer, max_length=128, lr=lr, warmup_steps=2, total_steps=total_steps, schedule="cosine"
+    )
+    return module
+
+
+def lora_state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.policy.named_parameters() if v.requires_grad}
+
+
+def trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        default_root_dir=tmp_path,
+        plugins=[AtomicCheckpointIO()],
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_sft_loss_falls_when_overfitting_a_few_pairs(tmp_path, tiny_model_cfg, tokenizer, data_cfg):
+    distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
+    module = make_module(tiny_model_cfg, tokenizer, total_steps=30)
+    datamodule = DistilledDataModule(distilled, data_cfg, batch_size=4)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer(tmp_path, 30, callbacks=[Record()]).fit(module, datamodule=datamodule)
+    assert len(losses) == 30
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_same_state(tmp_path, tiny_model_cfg, tokenizer, data_cfg):
+    distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer, n=6)
+
+    def fit(max_steps: int, root, ckpt_path=None):
+        module = make_module(tiny_model_cfg, tokenizer, total_steps=8)
+        datamodule = DistilledDataModule(distilled, data_cfg, batch_size=2)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True)
+        run = trainer(root, max_steps, callbacks=[StreamPositionCallback(), checkpoint])
+        run.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return module, run
+
+    straight, straight_run = fit(8, tmp_path / "straight")
+    fit(5, tmp_path / "interrupted")
+    last = tmp_path / "interrupted" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert all("lora_" in key for key in saved["state_dict"]), "checkpoints hold only the LoRA weights"
+    assert saved["global_step"] == 5
+    resumed, resumed_run = fit(8, tmp_path / "interrupted", ckpt_path=str(last))
+    assert resumed_run.global_step == straight_run.global_step == 8
+    for name, value in lora_state(straight).items():
+        torch.testing.assert_close(lora_state(resumed)[name], value, rtol=0, atol=0)
+    straight_opt = straight_run.optimizers[0].state_dict()["state"]
+    resumed_opt = resumed_run.optimizers[0].state_dict()["state"]
+    for key in straight_opt:
+        torch.testing.assert_close(resumed_opt[key]["exp_avg"], straight_opt[key]["exp_avg"], rtol=0, atol=0)
+    assert resumed_run.lr_scheduler_configs[0].scheduler.last_epoch == 8
