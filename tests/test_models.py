@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import time
@@ -213,9 +214,7 @@ def test_adapter_round_trip_gives_identical_logits(tiny_cfg, tokenizer, tmp_path
 def test_adapter_from_config_key(tiny_cfg, tokenizer, tmp_path):
     model = policy_with_nonzero_lora(tiny_cfg, seed=2)
     save_adapter(model, tmp_path / "warmup")
-    cfg = ModelConfig.from_cfg(
-        {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "tiny.yaml")), "adapter": str(tmp_path / "warmup")}
-    )
+    cfg = dataclasses.replace(tiny_cfg, adapter=str(tmp_path / "warmup"))
     assert torch.equal(fixed_logits(load_policy(cfg), tokenizer), fixed_logits(model, tokenizer))
 
 

@@ -141,7 +141,21 @@ def read_manifest(index_dir: Path) -> dict | None:
 
 def ensure_index(cfg: Mapping, corpus_path: str | Path | None, show_progress: bool = True) -> IndexInfo:
     """Find the index `cfg` asks for, building it from `corpus_path` if it does not exist yet."""
+    return _ensure_index(parse_config(cfg), corpus_path, show_progress)
+
+
+def open_retriever(cfg: Mapping, corpus_path: str | Path | None, show_progress: bool = True) -> Retriever:
+    """A ready retriever for `cfg` (see `conf/retriever/*.yaml`), building its index first if needed.
+
+    `corpus_path` may be None when `cfg.index_dir` names an existing index.  Queries are cut to
+    `cfg.max_query_words` words by the backend; `cfg.k` is the depth callers should ask `search` for.
+    """
     config = parse_config(cfg)
+    info = _ensure_index(config, corpus_path, show_progress)
+    return backend(config.name).load(info.path, config.settings, config.max_query_words)
+
+
+def _ensure_index(config: RetrieverConfig, corpus_path: str | Path | None, show_progress: bool) -> IndexInfo:
     index_settings = config.settings.index_settings()
     corpus = Path(corpus_path) if corpus_path is not None else None
     fingerprint = corpus_fingerprint(corpus) if corpus is not None else None
@@ -167,17 +181,6 @@ def ensure_index(cfg: Mapping, corpus_path: str | Path | None, show_progress: bo
     if corpus is None:
         raise ConfigError(f"no index at {target} and no corpus to build one from: set data.corpus")
     return _build(config, corpus, fingerprint, target, index_settings, show_progress)
-
-
-def open_retriever(cfg: Mapping, corpus_path: str | Path | None, show_progress: bool = True) -> Retriever:
-    """A ready retriever for `cfg` (see `conf/retriever/*.yaml`), building its index first if needed.
-
-    `corpus_path` may be None when `cfg.index_dir` names an existing index.  Queries are cut to
-    `cfg.max_query_words` words by the backend; `cfg.k` is the depth callers should ask `search` for.
-    """
-    config = parse_config(cfg)
-    info = ensure_index(cfg, corpus_path, show_progress=show_progress)
-    return backend(config.name).load(info.path, config.settings, config.max_query_words)
 
 
 def _build(

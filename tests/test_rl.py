@@ -1,0 +1,212 @@
+"""GRPO stage on CPU: the tiny model with real 4-bit layers, scripted rollouts where the test needs control."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.retrieval_reward import RetrievalRewardCallback, RewardBatch
+from cqr_lightning.errors import RetrievalError
+from cqr_lightning.grpo.rollout import pack_rollout, response_log_probs
+from cqr_lightning.models.generation import GeneratedSample
+from cqr_lightning.models.loading import load_adapter, load_policy, load_tokenizer, save_adapter
+from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
+from cqr_lightning.retrieval.factory import open_retriever
+from data_modules.conversations import ConversationDataModule
+
+GOOD = "<think> it is the Nile </think>\n<rewrite> Nile river delta </rewrite>"
+BAD = "<think> no idea </think>\n<rewrite> delta </rewrite>"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_cfg):
+    return load_tokenizer(tiny_model_cfg)
+
+
+@pytest.fixture(scope="module")
+def retriever(bm25s_cfg, data_cfg):
+    with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as r:
+        yield r
+
+
+class ScriptedScorer(L.Callback):
+    """Rewards from a table keyed by response text (the retriever is tested separately below)."""
+
+    def __init__(self, rewards: dict[str, float]):
+        self.rewards = rewards
+        self.depth = 100
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.scorer = self
+
+    def score(self, turns, responses):
+        return RewardBatch(
+            [self.rewards[r] for r in responses], [1] * len(responses), [True] * len(responses), responses
+        )
+
+
+class ScriptedRollouts(RLModule):
+    """Samples a fixed set of responses instead of generating (so the test knows what was rewarded)."""
+
+    responses: list[str] = []
+
+    def sample(self, turns):
+        samples = []
+        for index, prompt in enumerate(self.prompts(turns)):
+            prompt_ids = tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            for text in self.responses:
+                response_ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                samples.append(GeneratedSample(index, prompt_ids, response_ids, text, "stop"))
+        return samples
+
+
+def policy_with_random_lora_b(cfg, seed: int = 0):
+    """peft starts LoRA B at zero, which gives every A a zero gradient on the first step."""
+    torch.manual_seed(seed)
+    policy = load_policy(cfg)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return policy
+
+
+def lora_state(policy) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" in k and v.requires_grad}
+
+
+def fit(module, data_cfg, callbacks, steps: int, tmp_path, **trainer_kwargs):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **{"enable_checkpointing": False, **trainer_kwargs},
+    )
+    trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=1))
+    return trainer
+
+
+def scripted_module(policy, tokenizer, responses, **kwargs):
+    module = ScriptedRollouts(
+        policy, tokenizer, group_size=len(responses), lr=kwargs.pop("lr", 1e-2), max_prompt_length=128, **kwargs
+    )
+    module.responses = responses
+    return module
+
+
+def response_logp(module, turn, text: str) -> float:
+    prompt = module.prompts([turn])[0]
+    prompt_ids = module.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = module.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp, _ = response_log_probs(module.policy, pack_rollout([prompt_ids], [ids], module.tokenizer.pad_token_id))
+    return logp.sum().item()
+
+
+def test_one_grpo_step_changes_every_lora_parameter(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    before = lora_state(policy)
+    module = scripted_module(policy, tokenizer, [GOOD, BAD, GOOD, BAD], kl_beta=0.001, entropy_coef=0.001)
+    trainer = fit(module, data_cfg, [ScriptedScorer({GOOD: 2.0, BAD: 0.0})], 1, tmp_path)
+    assert trainer.global_step == 1
+    after = lora_state(policy)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"{len(unchanged)} LoRA parameters did not move, e.g. {unchanged[:2]}"
+    assert trainer.callback_metrics["train/grad_norm"] > 0
+
+
+def test_group_with_equal_rewards_gives_no_policy_gradient(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    before = lora_state(policy)
+    module = scripted_module(policy, tokenizer, [GOOD, BAD, GOOD, BAD], kl_beta=0.0, entropy_coef=0.0)
+    trainer = fit(module, data_cfg, [ScriptedScorer({GOOD: 1.0, BAD: 1.0})], 1, tmp_path)
+    assert trainer.callback_metrics["train/grad_norm"] == 0
+    assert trainer.callback_metrics["train/flat_group_share"] == 1.0
+    after = lora_state(policy)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_kl_is_zero_when_the_reference_equals_the_policy(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    save_adapter(policy, tmp_path / "warm")
+    load_adapter(policy, tmp_path / "warm", trainable=False, adapter_name=REFERENCE_ADAPTER)
+    policy.set_adapter("default")
+    module = scripted_module(policy, tokenizer, [GOOD, BAD], kl_beta=0.1)
+    trainer = fit(module, data_cfg, [ScriptedScorer({GOOD: 2.0, BAD: 0.0})], 1, tmp_path)
+    assert trainer.callback_metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert sorted(n for n, p in policy.named_parameters() if p.requires_grad) == sorted(module.trainable_names)
+    assert not any(REFERENCE_ADAPTER in n for n in module.trainable_names)
+
+
+def test_kl_against_the_base_is_positive_once_the_policy_moved(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    policy = policy_with_random_lora_b(tiny_model_cfg)  # non-zero B: policy differs from the base
+    module = scripted_module(policy, tokenizer, [GOOD, BAD], kl_beta=0.1)
+    trainer = fit(module, data_cfg, [ScriptedScorer({GOOD: 2.0, BAD: 0.0})], 1, tmp_path)
+    assert trainer.callback_metrics["train/kl"] > 1e-6
+
+
+def test_scripted_rewards_raise_the_probability_of_the_best_response(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    torch.manual_seed(0)
+    policy = load_policy(tiny_model_cfg)
+    module = scripted_module(policy, tokenizer, [GOOD, BAD, GOOD, BAD], kl_beta=0.0, lr=5e-3)
+    turn = next(iter(ConversationDataModule(data_cfg).ordered_stream("train", 1)))[0]
+    good_before, bad_before = response_logp(module, turn, GOOD), response_logp(module, turn, BAD)
+    fit(module, data_cfg, [ScriptedScorer({GOOD: 2.0, BAD: 0.0})], 6, tmp_path)
+    assert response_logp(module, turn, GOOD) > good_before + 0.5
+    assert response_logp(module, turn, BAD) < bad_before
+
+
+def test_reward_callback_gives_spec_values_on_the_fixture_corpus(retriever, data_cfg):
+    from cqr_lightning.readers import read_jsonl_turns
+
+    turn = next(t for t in read_jsonl_turns(f"{data_cfg.dir}/train.jsonl") if t.positives == ("tokyo-2",))
+    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    responses = [
+        "<think> the tower in Tokyo </think>\n<rewrite> When did the Tokyo Tower open? </rewrite>",
+        "<think> x </think>\n<rewrite> zebra violin quartz </rewrite>",
+        "When did the Tokyo Tower open?",
+        "<think> Japan </think>\n<rewrite> Tokyo capital of Japan inhabitants metropolitan </rewrite>",
+    ]
+    batch = scorer.score([turn] * 4, responses)
+    hits = retriever.search(["Tokyo capital of Japan inhabitants metropolitan"], k=100)[0]
+    rank_4 = [h.passage_id for h in hits].index("tokyo-2") + 1
+    assert batch.ranks[:3] == [1, None, None]
+    assert batch.format_ok == [True, True, False, True]
+    assert batch.rewards[:3] == [2.0, 0.0, -0.1]
+    assert rank_4 > 1 and batch.ranks[3] == rank_4
+    assert batch.rewards[3] == pytest.approx(2 - (rank_4 - 1) / 9)
+
+
+class FailingRetriever:
+    def best_gold_ranks(self, queries, positives, k=100):
+        raise ConnectionError("retrieval server unreachable")
+
+    def close(self):
+        pass
+
+
+def test_retrieval_failure_stops_training_and_keeps_the_last_checkpoint(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cqr_lightning.checkpointing import AtomicCheckpointIO
+
+    torch.manual_seed(0)
+    module = scripted_module(load_policy(tiny_model_cfg), tokenizer, [GOOD, BAD])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    good = ScriptedScorer({GOOD: 2.0, BAD: 0.0})
+    fit(module, data_cfg, [good, checkpoint], 2, tmp_path, plugins=[AtomicCheckpointIO()], enable_checkpointing=True)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    saved = last.read_bytes()
+    module = scripted_module(load_policy(tiny_model_cfg), tokenizer, [GOOD, BAD])
+    failing = RetrievalRewardCallback(None, None, retriever=FailingRetriever())
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(RetrievalError, match="retrieval server unreachable.*last checkpoint is intact"):
+        fit(module, data_cfg, [failing, checkpoint], 4, tmp_path, plugins=[AtomicCheckpointIO()],
+            enable_checkpointing=True)  # fmt: skip
+    assert last.read_bytes() == saved
