@@ -10,7 +10,7 @@ from cqr_lightning.io_utils import write_json
 
 
 class BestAdapterCallback(L.Callback):
-    def __init__(self, dirpath: str, monitor: str = "val/mrr@3"):
+    def __init__(self, dirpath: str, monitor: str = "val/mrr_at_3"):
         self.dirpath = Path(dirpath)
         self.monitor = monitor
         self.best: float | None = None

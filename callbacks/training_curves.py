@@ -9,7 +9,7 @@ import lightning as L
 
 
 class TrainingCurvesCallback(L.Callback):
-    def __init__(self, dirpath: str, train_metric: str = "train/reward_mean", val_metric: str = "val/mrr@3"):
+    def __init__(self, dirpath: str, train_metric: str = "train/reward_mean", val_metric: str = "val/mrr_at_3"):
         self.dirpath = Path(dirpath)
         self.train_metric = train_metric
         self.val_metric = val_metric

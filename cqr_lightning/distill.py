@@ -91,6 +91,19 @@ def distill(
     return kept, stats
 
 
+class SampledTurn:
+    """A turn and its sampled responses (a plain class: Lightning would try to move dataclasses to the CPU)."""
+
+    __slots__ = ("turn", "responses")
+
+    def __init__(self, turn: Turn, responses: list[str]):
+        self.turn = turn
+        self.responses = responses
+
+    def __iter__(self):
+        return iter((self.turn, self.responses))
+
+
 class RewriteSampler(L.LightningModule):
     """Samples N few-shot rewrites per turn through Lightning's predict loop (progress bar included)."""
 
@@ -117,7 +130,7 @@ class RewriteSampler(L.LightningModule):
         self.response_format = response_format
         self.batch_size = batch_size
 
-    def predict_step(self, batch, batch_idx: int) -> list[tuple[Turn, list[str]]]:
+    def predict_step(self, batch, batch_idx: int) -> list[SampledTurn]:
         turns = batch.turns
         fmt = self.response_format
         prompts = [render_prompt(self.tokenizer, t, self.max_prompt_length, True, fmt) for t in turns]
@@ -135,4 +148,4 @@ class RewriteSampler(L.LightningModule):
         responses: list[list[str]] = [[] for _ in turns]
         for sample in samples:
             responses[sample.prompt_index].append(sample.text)
-        return list(zip(turns, responses, strict=True))
+        return [SampledTurn(turn, texts) for turn, texts in zip(turns, responses, strict=True)]

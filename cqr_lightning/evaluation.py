@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cqr_lightning.metrics import aggregate_metrics, per_query_metrics
+from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_metrics
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.base import Retriever, best_gold_rank
 
@@ -68,7 +68,7 @@ def summarize(results: Sequence[TurnResult]) -> dict[str, float]:
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per named result, metrics in percent."""
-    names = ("mrr@3", "mrr", "ndcg@3", "recall@10", "recall@100")
+    names = METRIC_NAMES
     width = max([len(label) for label in rows] + [8])
     header = f"{'':<{width}}  " + "  ".join(f"{n:>10}" for n in names) + f"  {'n':>6}"
     lines = [header]

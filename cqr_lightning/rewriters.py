@@ -85,8 +85,7 @@ class ModelRewriter:
 
     def prompts(self, turns: Sequence[Turn]) -> list[str]:
         return [
-            render_prompt(self.tokenizer, t, self.max_prompt_length, self.few_shot, self.response_format)
-            for t in turns
+            render_prompt(self.tokenizer, t, self.max_prompt_length, self.few_shot, self.response_format) for t in turns
         ]
 
     def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:

@@ -11,9 +11,7 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
-def build_sft_batch(
-    tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int
-) -> dict[str, Tensor]:
+def build_sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> dict[str, Tensor]:
     """Right-padded input ids with labels equal to the ids on response tokens (plus EOS), -100 elsewhere.
 
     Sequences longer than `max_length` lose the end of their response.

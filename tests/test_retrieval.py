@@ -398,6 +398,9 @@ def test_lucene_ranks_the_matching_passage_first(lucene_setup):
     runs = lucene_setup.retriever.search(list(QUERIES), k=5)
     assert top_ids(runs) == [[pid] for pid in QUERIES.values()]
     assert lucene_setup.retriever.search([""], k=5) == [[]]
+    # More distinct terms than Lucene's default limit of 1,024 clauses.
+    long_query = " ".join(f"term{i}" for i in range(1500)) + " Mona Lisa"
+    assert top_ids(lucene_setup.retriever.search([long_query, "Zebras"])) == [["mona-lisa"], ["zebra"]]
     manifest = json.loads((Path(lucene_setup.cfg["index_dir"]) / MANIFEST).read_text())
     assert manifest["backend"] == "bm25" and manifest["doc_count"] == len(PASSAGES)
 

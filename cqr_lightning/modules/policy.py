@@ -18,6 +18,7 @@ from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_met
 from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import THINK_REWRITE, render_prompt
 from cqr_lightning.records import Turn
+from cqr_lightning.tracking import metric_key
 
 
 def capture_rng_state() -> dict:
@@ -97,7 +98,8 @@ class PolicyModule(L.LightningModule):
             return
         summary = summarize_rows(self._val_results)
         for name in (*METRIC_NAMES, "format_ok"):
-            self.log(f"val/{name}", summary[name], prog_bar=name == "mrr@3", batch_size=len(self._val_results))
+            key = metric_key(f"val/{name}")  # val/mrr_at_3: '@' is not allowed in MLflow metric names
+            self.log(key, summary[name], prog_bar=name == "mrr@3", batch_size=len(self._val_results))
 
     # lean, resumable checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

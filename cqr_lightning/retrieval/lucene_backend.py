@@ -23,17 +23,24 @@ from cqr_lightning.retrieval.corpus import read_corpus
 from cqr_lightning.retrieval.java import anserini_jar, java_env, java_executable, start_jvm
 
 LUCENE_SUBDIR = "lucene"
+# Lucene refuses queries of more than 1,024 terms by default (a whole batch_search then fails with
+# "queryCount = N is not equal to completedTaskCount"); long rewrites during training can exceed that.
+MIN_CLAUSE_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
 class LuceneSettings:
     k1: float = 0.9
     b: float = 0.4
-    threads: int | None = None  # None: all CPU cores
+    threads: int | None = None  # None: every core this process may use
 
     @property
     def n_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        if self.threads:
+            return self.threads
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
     def index_settings(self) -> dict:
         """k1 and b are applied at search time, so one Lucene index serves them all."""
@@ -115,6 +122,7 @@ class LuceneRetriever(Retriever):
         except Exception as exc:
             raise RetrievalError(f"Cannot open the Lucene index at {self.index_dir}: {exc}") from exc
         self._searcher.set_bm25(settings.k1, settings.b)
+        _raise_clause_limit(max(MIN_CLAUSE_LIMIT, max_query_words or 0))
 
     @property
     def num_docs(self) -> int:
@@ -137,3 +145,12 @@ class LuceneRetriever(Retriever):
         if self._searcher is not None:
             self._searcher.close()
             self._searcher = None
+
+
+def _raise_clause_limit(limit: int) -> None:
+    """Let Lucene accept queries of up to `limit` terms (a JVM-wide setting, only ever raised)."""
+    from jnius import autoclass
+
+    index_searcher = autoclass("org.apache.lucene.search.IndexSearcher")
+    if index_searcher.getMaxClauseCount() < limit:
+        index_searcher.setMaxClauseCount(limit)

@@ -1,0 +1,174 @@
+"""The real entry point, composed from the real configs, on the fixture data with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+import train
+from cqr_lightning.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(data_dir: Path, run_dir: Path, tracking: Path) -> list[str]:
+    return [
+        "model=tiny",
+        "data=jsonl",
+        f"data.dir={data_dir}",
+        f"run_dir={run_dir}",
+        f"logger.tracking_uri=sqlite:///{tracking}",
+        f"logger.artifact_location={tracking.parent / 'artifacts'}",
+        "trainer.accelerator=cpu",
+        "rl.max_steps=3",
+        "rl.batch_size=2",
+        "rl.group_size=2",
+        "rl.max_new_tokens=12",
+        "rl.micro_batch_size=2",
+        "rl.val_limit=2",
+        "rl.val_every_n_steps=2",
+        "rl.checkpoint_every_n_steps=1",
+        "rl.table_every_n_steps=1",
+        "warmup.max_new_tokens=12",
+        "warmup.val_limit=2",
+        "warmup.batch_size=2",
+        "warmup.epochs=1",
+        "eval.rewriter.max_new_tokens=12",
+    ]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def mlflow_runs(tracking: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tracking}")
+    experiment = client.get_experiment_by_name("cqr-lightning")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixture_data_dir, tmp_path):
+    tracking = tmp_path / "mlruns" / "mlflow.db"
+    cfg = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "pipeline.warmup=false"])
+    rows = train.run(cfg)
+    run_dir = tmp_path / "run"
+    assert list(rows) == ["raw question", "untuned model", "after GRPO"]
+    assert rows["raw question"]["n"] == 4
+    assert json.loads((run_dir / "eval" / "summary.json").read_text()) == rows
+    adapter = run_dir / "rl" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    assert all("lora_" in key for key in load_file(adapter / "adapter_model.safetensors"))
+    assert (run_dir / "rl" / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "rl" / "best_adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "rl" / "curves.png").is_file()
+
+    client, runs = mlflow_runs(tracking)
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("stage", "evaluate"), []).append(run)
+    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 3
+    rl_run = by_stage["rl"][0]
+    assert rl_run.data.params["rl.group_size"] == "2"
+    assert len(client.get_metric_history(rl_run.info.run_id, "train/reward_mean")) == 3
+    assert "val/mrr_at_3" in rl_run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(rl_run.info.run_id)}
+    assert {"adapter", "curves.png", "rollouts"} <= artifacts
+
+
+@pytest.mark.slow
+def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path):
+    tracking = tmp_path / "mlflow.db"
+    cfg = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"])
+    with pytest.raises(ConfigError, match="self-distillation kept no sample"):
+        train.run(cfg)
+    stats = json.loads((tmp_path / "run" / "warmup" / "distill_stats.json").read_text())
+    assert stats["turns"] == 8 and stats["kept"] == 0
+
+
+@pytest.mark.slow
+def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "warmup").mkdir(parents=True)
+    rows = [
+        {
+            "turn_id": f"t{i}",
+            "prompt": f"Query: q{i}\nRewrite:",
+            "response": "<think> a </think>\n<rewrite> b </rewrite>",
+        }
+        for i in range(4)
+    ]
+    (run_dir / "warmup" / "distilled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tracking = tmp_path / "mlflow.db"
+    cfg = compose_train([*tiny_overrides(fixture_data_dir, run_dir, tracking), "stage=warmup"])
+    adapter = train.run(cfg)
+    assert (adapter / "adapter_model.safetensors").is_file()
+    before = json.loads((run_dir / "warmup" / "val_before.json").read_text())
+    after = json.loads((run_dir / "warmup" / "val_after.json").read_text())
+    assert "val/mrr_at_3" in before and "val/mrr_at_3" in after
+    client, runs = mlflow_runs(tracking)
+    (warmup_run,) = [r for r in runs if r.data.tags.get("stage") == "warmup"]
+    assert len(client.get_metric_history(warmup_run.info.run_id, "train/loss")) == 2  # 4 rows, batch 2, 1 epoch
+
+
+def train_command(data_dir: Path, run_dir: Path, tracking: Path, steps: int) -> list[str]:
+    overrides = tiny_overrides(data_dir, run_dir, tracking)
+    overrides = [o for o in overrides if not o.startswith(("rl.max_steps", "rl.val_every_n_steps"))]
+    return [sys.executable, "train.py", "stage=rl", f"rl.max_steps={steps}", "rl.val_every_n_steps=1000", *overrides]
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["global_step"])
+    except Exception:
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tracking = tmp_path / "mlflow.db"
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(fixture_data_dir, straight, tracking, 6), cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+
+    killed = tmp_path / "killed"
+    command = train_command(fixture_data_dir, killed, tracking, 6)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "rl" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and checkpoint_step(last) < 3 and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step_at_kill = checkpoint_step(last)
+    assert 3 <= step_at_kill < 6
+    assert not (killed / "rl" / "adapter").exists()
+
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert checkpoint_step(last) == 6
+    expected = load_file(straight / "rl" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(killed / "rl" / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
+
+    client, runs = mlflow_runs(tracking)
+    killed_runs = [r for r in runs if r.data.tags.get("run_dir") == str(killed.resolve())]
+    assert len(killed_runs) == 1, "the resumed run logs into the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(killed_runs[0].info.run_id, "train/reward_mean")]
+    assert sorted(set(steps)) == list(range(6))
