@@ -1,0 +1,86 @@
+"""`python -m cqr_lightning.evaluate` end to end: raw, history, human and a tiny in-process model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.evaluate import run_evaluation
+from cqr_lightning.metrics import METRIC_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def evaluate_cfg(data_dir: Path, out: Path, tracking: Path, *extra: str):
+    overrides = [
+        "data=jsonl",
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        f"logger.tracking_uri=sqlite:///{tracking}",
+        f"logger.artifact_location={tracking.parent / 'artifacts'}",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=overrides)
+
+
+def test_raw_and_human_rewrites(fixture_data_dir, tmp_path):
+    tracking = tmp_path / "mlflow.db"
+    raw = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "raw", tracking, "rewriter=raw"))
+    human = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "human", tracking, "rewriter=human"))
+    assert set(METRIC_NAMES) <= set(raw) and raw["n"] == 4
+    # dev turn 2 of each conversation ("How many keys does it have?") is ambiguous without the rewrite
+    assert human["mrr@3"] >= raw["mrr@3"]
+    assert human["mrr@3"] == 1.0
+    written = json.loads((tmp_path / "human" / "metrics.json").read_text())
+    assert written["mrr@3"] == human["mrr@3"]
+    rows = [json.loads(line) for line in (tmp_path / "human" / "rewrites.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["best_rank"] == 1 and rows[0]["query"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tracking}")
+    runs = client.search_runs([client.get_experiment_by_name("cqr-lightning").experiment_id])
+    assert len(runs) == 2
+    assert {r.data.params["rewriter.name"] for r in runs} == {"raw", "human"}
+    assert all("eval/mrr_at_3" in r.data.metrics for r in runs)
+
+
+def test_history_rewriter_uses_earlier_user_turns(fixture_data_dir, tmp_path):
+    out = tmp_path / "history"
+    run_evaluation(evaluate_cfg(fixture_data_dir, out, tmp_path / "m.db", "rewriter=history", "logger=none"))
+    rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+    assert rows[1]["query"] == "How do honey bees live? How do they share where food is?"
+
+
+def test_human_rewriter_on_data_without_rewrites_names_the_fix(fixture_data_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text((fixture_data_dir / "corpus.jsonl").read_text())
+    rows = [json.loads(line) for line in (fixture_data_dir / "dev.jsonl").read_text().splitlines()]
+    (data / "dev.jsonl").write_text("".join(json.dumps({**r, "rewrite": None}) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="rewriter=human needs a human rewrite"):
+        run_evaluation(evaluate_cfg(data, tmp_path / "o", tmp_path / "m.db", "rewriter=human", "logger=none"))
+
+
+@pytest.mark.slow
+def test_tiny_model_rewriter_through_the_command_line(fixture_data_dir, tmp_path):
+    out = tmp_path / "model"
+    command = [
+        sys.executable, "-m", "cqr_lightning.evaluate", "data=jsonl", f"data.dir={fixture_data_dir}",
+        "rewriter=model", "model=tiny", "rewriter.max_new_tokens=8", f"output_dir={out}",
+        f"logger.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model / bm25s / dev" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and 0.0 <= metrics["format_ok"] <= 1.0
+    rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+    assert all("response" in row for row in rows)
