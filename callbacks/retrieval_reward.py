@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 from cqr_lightning.errors import RetrievalError
 from cqr_lightning.formatting import parse_response
@@ -20,7 +21,6 @@ from cqr_lightning.grpo.rewards import get_reward_function
 from cqr_lightning.prompts import THINK_REWRITE
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.base import Retriever
-from cqr_lightning.rewriters import truncate_words
 
 RANK_BUCKETS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10), ("rank_11_100", 11, 100))
 
@@ -60,7 +60,7 @@ class RetrievalRewardCallback(L.Callback):
         corpus_path: str | None,
         reward: str = "rank_incentive",
         response_format: str = THINK_REWRITE,
-        max_query_words: int | None = 1024,
+        max_query_words: int | None = None,
         table_every_n_steps: int = 0,
         retriever: Retriever | None = None,
     ):
@@ -80,8 +80,11 @@ class RetrievalRewardCallback(L.Callback):
         if self.retriever is None:
             from cqr_lightning.retrieval.factory import open_retriever
 
+            cfg = OmegaConf.to_container(OmegaConf.create(self.retriever_cfg), resolve=True)
+            if self.max_query_words:
+                cfg["max_query_words"] = self.max_query_words
             try:
-                self.retriever = open_retriever(self.retriever_cfg, self.corpus_path)
+                self.retriever = open_retriever(cfg, self.corpus_path)
             except Exception as err:
                 raise RetrievalError(
                     f"could not open retriever '{self.retriever_cfg.get('name')}' over {self.corpus_path}: {err} "
@@ -96,7 +99,6 @@ class RetrievalRewardCallback(L.Callback):
 
     def best_ranks(self, queries: Sequence[str], turns: Sequence[Turn]) -> list[int | None]:
         """Best gold rank per query; a failing retriever stops training with a clear error."""
-        queries = [truncate_words(q, self.max_query_words) for q in queries]
         try:
             return self.retriever.best_gold_ranks(queries, [t.positives for t in turns], k=self.depth)
         except Exception as err:

@@ -22,7 +22,7 @@ from cqr_lightning.evaluation import TurnResult, format_table, score_queries, su
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.readers import turn_reader
 from cqr_lightning.records import Turn
-from cqr_lightning.rewriters import HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter, truncate_words
+from cqr_lightning.rewriters import HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     rewriter = build_rewriter(cfg)
     rewrites = rewrite_all(rewriter, turns, int(cfg.rewriter.get("batch_size", 256)))
-    queries = [truncate_words(r.query, cfg.retriever.get("max_query_words")) for r in rewrites]
+    queries = [r.query for r in rewrites]  # the retriever cuts them to retriever.max_query_words
     with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
         results = score_queries(turns, queries, retriever, k=int(cfg.retriever.get("k", 100)))
     for result, rewrite in zip(results, rewrites, strict=True):

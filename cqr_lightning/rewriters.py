@@ -18,13 +18,6 @@ class Rewrite:
     format_ok: bool | None = None
 
 
-def truncate_words(text: str, max_words: int | None) -> str:
-    if not max_words:
-        return text
-    words = text.split()
-    return text if len(words) <= max_words else " ".join(words[:max_words])
-
-
 class RawRewriter:
     """The question as asked."""
 

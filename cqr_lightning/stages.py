@@ -93,9 +93,12 @@ def load_model(cfg: DictConfig, adapter: str | None):
 
 
 def open_stage_retriever(cfg: DictConfig):
+    """The retriever used for training rewards: queries cut to `train_max_query_words` (SPEC: 1,024)."""
     from cqr_lightning.retrieval.factory import open_retriever
 
-    return open_retriever(cfg.retriever, cfg.data.corpus)
+    return open_retriever(
+        OmegaConf.merge(cfg.retriever, {"max_query_words": cfg.train_max_query_words}), cfg.data.corpus
+    )
 
 
 def log_artifacts(logger, *paths: Path) -> None:
@@ -292,7 +295,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         cfg.data.corpus,
         reward=r.reward,
         response_format=cfg.response_format,
-        max_query_words=r.max_query_words,
+        max_query_words=cfg.train_max_query_words,
         table_every_n_steps=r.table_every_n_steps,
     )
     trainer = make_trainer(
