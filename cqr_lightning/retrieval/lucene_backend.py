@@ -33,6 +33,7 @@ class LuceneSettings:
     k1: float = 0.9
     b: float = 0.4
     threads: int | None = None  # None: every core this process may use
+    store_raw: bool = False  # keep each passage's JSON in the index (Anserini's -storeRaw)
 
     @property
     def n_threads(self) -> int:
@@ -44,7 +45,7 @@ class LuceneSettings:
 
     def index_settings(self) -> dict:
         """k1 and b are applied at search time, so one Lucene index serves them all."""
-        return {"analyzer": "anserini-default-english"}
+        return {"analyzer": "anserini-default-english", "store_raw": self.store_raw}
 
 
 def build_index(corpus_path: Path, out_dir: Path, settings: LuceneSettings, show_progress: bool = True) -> int:
@@ -59,7 +60,7 @@ def build_index(corpus_path: Path, out_dir: Path, settings: LuceneSettings, show
         for passage in passages:
             f.write(json.dumps({"id": passage.id, "contents": passage.contents}, ensure_ascii=False) + "\n")
             doc_count += 1
-    log = run_index_collection(input_dir, out_dir / LUCENE_SUBDIR, settings.n_threads)
+    log = run_index_collection(input_dir, out_dir / LUCENE_SUBDIR, settings.n_threads, settings.store_raw)
     (input_dir / "corpus.jsonl").unlink()
     input_dir.rmdir()
     indexed, empty = _indexed_counts(log)
@@ -68,8 +69,12 @@ def build_index(corpus_path: Path, out_dir: Path, settings: LuceneSettings, show
     return doc_count
 
 
-def run_index_collection(input_dir: Path, index_dir: Path, threads: int) -> str:
-    """Run Anserini's IndexCollection on a folder of JsonCollection files; return its log."""
+def run_index_collection(input_dir: Path, index_dir: Path, threads: int, store_raw: bool = False) -> str:
+    """Run Anserini's IndexCollection on a folder of JsonCollection files; return its log.
+
+    Stored raw passages make the index about 4x bigger and searches about twice as slow (every hit's stored
+    fields are decompressed to read its id), so they are off unless asked for.
+    """
     command = [
         str(java_executable()),
         "-cp",
@@ -85,7 +90,7 @@ def run_index_collection(input_dir: Path, index_dir: Path, threads: int) -> str:
         str(index_dir),
         "-threads",
         str(threads),
-        "-storeRaw",
+        *(["-storeRaw"] if store_raw else []),
     ]
     proc = subprocess.run(command, env=java_env(), capture_output=True, text=True)
     log = proc.stdout + proc.stderr
