@@ -194,3 +194,9 @@ def test_generate_restores_the_mode_after_an_error(policy, tokenizer, prompts, m
     with pytest.raises(RuntimeError):
         generate(policy, tokenizer, prompts, max_new_tokens=2)
     assert policy.training
+
+
+def test_no_prompts_and_empty_prompts(policy, tokenizer):
+    assert generate(policy, tokenizer, [], max_new_tokens=2) == []
+    with pytest.raises(ValueError, match="no tokens"):
+        generate(policy, tokenizer, ["hello", ""], max_new_tokens=2)

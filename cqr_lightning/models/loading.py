@@ -134,12 +134,17 @@ def _replace_dir(new: Path, target: Path) -> None:
     A folder cannot be renamed over a non-empty one, so the old one is first moved aside; it is deleted
     only after the new one is in place.
     """
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    finally:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -221,7 +226,7 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:
 def load_base_model(cfg: ModelConfig | Mapping[str, Any] | Any) -> PreTrainedModel:
     """The causal LM, in 4-bit NF4 or in `compute_dtype`, in eval mode (transformers 5's default).
 
-    The base model keeps bitsandbytes' fast CPU inference layout; `load_policy` turns it off for training.
+    Its 4-bit layers keep bitsandbytes' CPU repacking, harmless without training; `load_policy` turns it off.
     """
     cfg = ModelConfig.from_cfg(cfg)
     kwargs: dict[str, Any] = {
@@ -257,8 +262,8 @@ def fix_cpu_4bit_gradients(model: torch.nn.Module) -> int:
 
     On CPUs with AVX512-BF16, a forward pass in eval mode without gradients (as in `generate`) repacks each
     `Linear4bit` weight into a layout whose matmul has no backward: a later training step then gives most
-    LoRA parameters wrong gradients, with only a warning. The price is speed: CPU generation then
-    dequantizes every weight at every step (about 5x slower for SmolLM2-135M); GPUs are unaffected.
+    LoRA parameters wrong gradients, with only a warning. It costs no speed: on the development CPU, batched
+    generation was even faster without the repacked layout.
     Weights already repacked are converted back, but only approximately (the repacking rounded their
     block scales to bf16), so call this before the first `generate`, as `load_policy` does.
     """
