@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 
-from cqr_lightning.formatting import parse_response
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.formatting import ParsedResponse, lenient_rewrite, parse_response, response_prefix
 from cqr_lightning.models.generation import generate
-from cqr_lightning.prompts import THINK_REWRITE, render_prompt
+from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, format_response, render_prompt
 from cqr_lightning.records import Turn
 
 
@@ -54,21 +55,31 @@ def distill(
     prompt_for: Callable[[Turn], str],
     keep_rank: int = 1,
     response_format: str = THINK_REWRITE,
+    lenient: bool = False,
 ) -> tuple[list[DistilledExample], dict]:
     """Filter sampled responses by retrieval; returns the kept examples and yield statistics.
 
     `sampled` gives each turn with its N responses; `best_ranks(queries, turns)` is the retriever's
     best gold rank per query; `prompt_for(turn)` renders the SFT prompt (no few-shot example).
+
+    `lenient` (rewrite_only format only) accepts a response whose tags are broken when a rewrite can
+    still be read from it (`lenient_rewrite`), and stores the canonical `<rewrite> ... </rewrite>` as
+    the SFT target, so the fine-tuned model learns the exact format the RL reward checks.
     """
+    if lenient and response_format != REWRITE_ONLY:
+        raise ConfigError("warmup.lenient_format works with response_format=rewrite_only only")
     kept: list[DistilledExample] = []
     histogram: Counter = Counter()
-    turns_seen = samples_seen = format_ok_count = 0
+    turns_seen = samples_seen = format_ok_count = readable_count = 0
     for turn, responses in sampled:
         turns_seen += 1
         samples_seen += len(responses)
         parsed = [parse_response(text, response_format) for text in responses]
+        format_ok_count += sum(p.format_ok for p in parsed)
+        if lenient:
+            parsed = [p if p.format_ok else _lenient(text) for p, text in zip(parsed, responses, strict=True)]
         ok = [p.format_ok for p in parsed]
-        format_ok_count += sum(ok)
+        readable_count += sum(ok)
         ranks: list[int | None] = [None] * len(parsed)
         valid = [i for i, flag in enumerate(ok) if flag]
         if valid:
@@ -78,17 +89,24 @@ def distill(
         histogram.update(rank_bucket(r) if flag else "bad_format" for r, flag in zip(ranks, ok, strict=True))
         choice = best_sample(ranks, ok, keep_rank)
         if choice is not None:
-            response, rewrite = responses[choice].strip(), parsed[choice].rewrite
+            rewrite = parsed[choice].rewrite
+            response = format_response(rewrite, None, response_format) if lenient else responses[choice].strip()
             kept.append(DistilledExample(turn.id, prompt_for(turn), response, rewrite, ranks[choice]))
     stats = {
         "turns": turns_seen,
         "samples": samples_seen,
         "format_ok_rate": format_ok_count / samples_seen if samples_seen else 0.0,
+        "readable_rate": readable_count / samples_seen if samples_seen else 0.0,  # with `lenient`
         "kept": len(kept),
         "yield": len(kept) / turns_seen if turns_seen else 0.0,
         "rank_histogram": dict(histogram),
     }
     return kept, stats
+
+
+def _lenient(text: str) -> ParsedResponse:
+    rewrite = lenient_rewrite(text)
+    return ParsedResponse(format_ok=rewrite is not None, rewrite=rewrite)
 
 
 class SampledTurn:
@@ -118,8 +136,10 @@ class RewriteSampler(L.LightningModule):
         max_new_tokens: int = 256,
         response_format: str = THINK_REWRITE,
         batch_size: int | None = None,
+        prefill: bool = False,
     ):
         super().__init__()
+        self.prefill = response_prefix(response_format) if prefill else ""
         self.policy = policy
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
@@ -133,7 +153,7 @@ class RewriteSampler(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> list[SampledTurn]:
         turns = batch.turns
         fmt = self.response_format
-        prompts = [render_prompt(self.tokenizer, t, self.max_prompt_length, True, fmt) for t in turns]
+        prompts = [render_prompt(self.tokenizer, t, self.max_prompt_length, True, fmt) + self.prefill for t in turns]
         samples = generate(
             self.policy,
             self.tokenizer,
@@ -147,5 +167,5 @@ class RewriteSampler(L.LightningModule):
         )
         responses: list[list[str]] = [[] for _ in turns]
         for sample in samples:
-            responses[sample.prompt_index].append(sample.text)
+            responses[sample.prompt_index].append(self.prefill + sample.text)
         return [SampledTurn(turn, texts) for turn, texts in zip(turns, responses, strict=True)]

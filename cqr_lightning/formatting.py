@@ -27,3 +27,23 @@ def parse_response(text: str, response_format: str = THINK_REWRITE) -> ParsedRes
     found = _REWRITE.findall(text)
     rewrite = found[-1].strip() if found else None
     return ParsedResponse(format_ok=format_ok and bool(rewrite), rewrite=rewrite or None)
+
+
+_OPEN_TAG = {THINK_REWRITE: "<think>", REWRITE_ONLY: "<rewrite>"}
+
+
+def response_prefix(response_format: str) -> str:
+    """The opening tag that a prefilled response starts with (the model continues after it)."""
+    return _OPEN_TAG[response_format]
+
+
+def lenient_rewrite(text: str) -> str | None:
+    """For small models that write a good rewrite but break the tags: the first line after `<rewrite>`,
+    up to any closing or malformed tag; None when nothing is left."""
+    start = text.find("<rewrite>")
+    if start < 0:
+        return None
+    body = text[start + len("<rewrite>") :].lstrip()
+    line = body.split("\n", 1)[0]
+    rewrite = line.split("</", 1)[0].split("<", 1)[0].strip()
+    return rewrite or None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import pytrec_eval
-
 METRIC_NAMES = ("mrr@3", "mrr", "ndcg@3", "recall@10", "recall@100")
 _TREC_MEASURES = {"recip_rank", "ndcg_cut.3", "recall.10", "recall.100"}
 
@@ -31,6 +29,8 @@ def per_query_metrics(
     rankings: query id -> passage ids, best first.  qrels: query id -> {passage id: grade} or a list of
     relevant ids (grade 1).  A query with no retrieved passage scores 0 everywhere.
     """
+    import pytrec_eval  # here, not at module level: the GPU machine trains without it
+
     judged = {qid: (dict(rel) if isinstance(rel, Mapping) else {pid: 1 for pid in rel}) for qid, rel in qrels.items()}
     judged = {qid: {pid: int(g) for pid, g in rel.items()} for qid, rel in judged.items() if any(rel.values())}
     full_run = {qid: _rank_scores(rankings.get(qid, ())) for qid in judged}

@@ -138,6 +138,7 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
         top_p=w.top_p,
         max_new_tokens=w.max_new_tokens,
         response_format=cfg.response_format,
+        prefill=w.prefill_response,
     )
     datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
     trainer = L.Trainer(
@@ -149,7 +150,7 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
     def prompt_for(turn):
         return render_prompt(tokenizer, turn, cfg.model.max_prompt_length, False, cfg.response_format)
 
-    kept, stats = distill(sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format)
+    kept, stats = distill(sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format, w.lenient_format)
     write_jsonl(distilled_path, (example.to_json() for example in kept))
     write_json(stage_dir / "distill_stats.json", stats)
     log.info("self-distillation kept %d of %d turns (yield %.3f)", stats["kept"], stats["turns"], stats["yield"])

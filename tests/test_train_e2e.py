@@ -92,7 +92,8 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
 @pytest.mark.slow
 def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path):
     tracking = tmp_path / "mlflow.db"
-    cfg = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"])
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"]
+    cfg = compose_train([*overrides, "warmup.lenient_format=false"])
     with pytest.raises(ConfigError, match="self-distillation kept no sample"):
         train.run(cfg)
     stats = json.loads((tmp_path / "run" / "warmup" / "distill_stats.json").read_text())

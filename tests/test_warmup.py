@@ -177,3 +177,26 @@ def test_resume_continues_with_the_same_state(tmp_path, tiny_model_cfg, tokenize
     for key in straight_opt:
         torch.testing.assert_close(resumed_opt[key]["exp_avg"], straight_opt[key]["exp_avg"], rtol=0, atol=0)
     assert resumed_run.lr_scheduler_configs[0].scheduler.last_epoch == 8
+
+
+def test_lenient_format_keeps_readable_rewrites_and_trains_on_the_canonical_form(retriever, data_cfg, tokenizer):
+    turns = [t for t in read_jsonl_turns(f"{data_cfg.dir}/train.jsonl") if t.id == "tokyo_2"]
+    broken = "<rewrite> When did the Tokyo Tower open? </revisedrewrite>\nQ2: more text"
+    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    strict, _ = distill([(turns[0], [broken])], scorer.best_ranks, lambda t: "p", 1, "rewrite_only")
+    kept, stats = distill([(turns[0], [broken])], scorer.best_ranks, lambda t: "p", 1, "rewrite_only", lenient=True)
+    assert strict == []
+    assert [(e.rewrite, e.response) for e in kept] == [
+        ("When did the Tokyo Tower open?", "<rewrite> When did the Tokyo Tower open? </rewrite>")
+    ]
+    assert stats["format_ok_rate"] == 0.0 and stats["readable_rate"] == 1.0
+
+
+def test_lenient_rewrite_reads_the_first_line_after_the_tag():
+    from cqr_lightning.formatting import lenient_rewrite
+
+    assert lenient_rewrite("<rewrite> a b </rewrite>") == "a b"
+    assert lenient_rewrite("<rewrite> a b </rewritten>\nmore") == "a b"
+    assert lenient_rewrite("<rewrite> a b\nQ2: c") == "a b"
+    assert lenient_rewrite("<rewrite>  </rewrite>") is None
+    assert lenient_rewrite("no tag") is None

@@ -50,6 +50,7 @@ class RLModule(PolicyModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         generation_batch_size: int | None = None,
+        min_new_tokens: int = 0,
         **policy_kwargs,
     ):
         super().__init__(policy, tokenizer, **policy_kwargs)
@@ -67,6 +68,7 @@ class RLModule(PolicyModule):
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.generation_batch_size = generation_batch_size
+        self.min_new_tokens = min_new_tokens  # > 0 only to force response lengths in benchmarks
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.warmup_steps = warmup_steps
         self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
@@ -106,6 +108,7 @@ class RLModule(PolicyModule):
             self.tokenizer,
             self.prompts(turns),
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
             do_sample=True,
             temperature=self.temperature,
             top_p=self.top_p,

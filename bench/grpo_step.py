@@ -1,0 +1,159 @@
+"""Time one GRPO step of our RLModule at Qwen2.5-3B scale on a GPU (issue: single-GPU speed and memory).
+
+Workload: a randomly initialised model with Qwen2.5-3B's architecture, 4-bit NF4 base + LoRA r=16 on every
+linear layer, prompts from real conversations (the shared data pack) at their real lengths, G responses per
+prompt with the response length forced (min = max new tokens), BM25 (bm25s) reward over the pack corpus.
+Prompts are tokenised with a byte-level BPE trained here on the pack corpus (no hub tokenizer is reachable),
+so prompt lengths are realistic but not Qwen's exact counts.
+
+    python bench/grpo_step.py --data DIR --prompts 4 --group 8 --response 256 --steps 3 --out OUT
+
+Prints and writes (OUT/grpo_step.json) the mean time per phase over the timed steps (the first is warm-up),
+generated and trained tokens per second, and peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+QWEN25_3B = dict(
+    hidden_size=2048,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    intermediate_size=11008,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+)
+
+
+def build_tokenizer(corpus: Path, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["contents"] for line in corpus.open()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32000, special_tokens=special))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast.padding_side = "left"
+    fast.save_pretrained(out)
+
+
+def build_model_dir(data: Path, out: Path) -> Path:
+    """A random Qwen2.5-3B-shaped checkpoint with the bench tokenizer, saved once."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(data / "corpus.jsonl", out)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_3B), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+class Timings(L.Callback):
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.synchronize()
+        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("time/", "train/"))}
+        row["step_seconds"] = time.perf_counter() - self.start
+        self.steps.append(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True, help="folder with corpus.jsonl and dev.jsonl")
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen25-3b-random"))
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--response", type=int, default=256)
+    parser.add_argument("--max-prompt", type=int, default=1536)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+
+    from callbacks.retrieval_reward import RetrievalRewardCallback
+    from cqr_lightning.models.loading import load_policy, load_tokenizer
+    from cqr_lightning.modules.rl import RLModule
+    from data_modules.conversations import ConversationDataModule
+
+    model_dir = build_model_dir(args.data, args.model_dir)
+    model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen2.5-3b.yaml")
+    model_cfg.name_or_path = str(model_dir)
+    model_cfg.max_prompt_length = args.max_prompt
+    policy, tokenizer = load_policy(model_cfg), load_tokenizer(model_cfg)
+    module = RLModule(
+        policy,
+        tokenizer,
+        group_size=args.group,
+        max_new_tokens=args.response,
+        min_new_tokens=args.response,
+        micro_batch_size=args.micro_batch,
+        max_prompt_length=args.max_prompt,
+        lr=1e-5,
+    )
+    data_cfg = OmegaConf.create(
+        {"format": "jsonl", "dir": str(args.data), "corpus": str(args.data / "corpus.jsonl"),
+         "train_split": "dev", "eval_split": "dev", "shuffle_buffer": 0, "seed": 0}
+    )  # fmt: skip
+    retriever_cfg = OmegaConf.create({"name": "bm25s", "k": 100, "max_query_words": 1024, "index_dir": None})
+    timings = Timings()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
+        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RetrievalRewardCallback(retriever_cfg, data_cfg.corpus), timings],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=args.prompts))
+    timed = timings.steps[1:] or timings.steps
+    summary = {
+        "workload": vars(args) | {"data": str(args.data), "model_dir": str(args.model_dir), "out": str(args.out)},
+        "device": torch.cuda.get_device_name(),
+        "steps_timed": len(timed),
+        "mean": {k: sum(s[k] for s in timed) / len(timed) for k in timed[0]},
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "all_steps": timings.steps,
+    }
+    mean = summary["mean"]
+    sequences = args.prompts * args.group
+    summary["generated_tokens_per_s"] = mean["train/generated_tokens"] / mean["time/generation"]
+    trained = sequences * (mean["train/response_tokens"])
+    summary["trained_tokens_per_s"] = trained / (mean["time/forward_backward"] + mean.get("time/reference_logprobs", 0))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}.json"
+    (args.out / name).write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "all_steps"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
