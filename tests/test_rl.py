@@ -210,3 +210,15 @@ def test_retrieval_failure_stops_training_and_keeps_the_last_checkpoint(tiny_mod
         fit(module, data_cfg, [failing, checkpoint], 4, tmp_path, plugins=[AtomicCheckpointIO()],
             enable_checkpointing=True)  # fmt: skip
     assert last.read_bytes() == saved
+
+
+def test_fast_sampling_path_trains_and_resyncs_after_each_step(
+    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
+):
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    module = RLModule(policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=128, fast_sampling=True)
+    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    trainer = fit(module, data_cfg, [scorer], 2, tmp_path)
+    assert trainer.global_step == 2
+    assert module._sampler is not None and module._sampler_step == 1, "synced before the second rollout"
+    assert "time/generation" in trainer.callback_metrics

@@ -67,6 +67,10 @@ class PolicyModule(L.LightningModule):
         self._val_results: list[dict[str, float]] = []
         self._pending_rng: dict | None = None
 
+    def generation_model(self):
+        """The model that samples rewrites (the policy itself unless a subclass has a faster copy)."""
+        return self.policy
+
     def prompts(self, turns: Sequence[Turn]) -> list[str]:
         return [render_prompt(self.tokenizer, t, self.max_prompt_length, False, self.response_format) for t in turns]
 
@@ -77,7 +81,7 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         turns = batch.turns
         samples = generate(
-            self.policy,
+            self.generation_model(),
             self.tokenizer,
             self.prompts(turns),
             max_new_tokens=self.max_new_tokens,

@@ -51,6 +51,7 @@ class RLModule(PolicyModule):
         warmup_steps: int = 0,
         generation_batch_size: int | None = None,
         min_new_tokens: int = 0,
+        fast_sampling: bool = False,
         **policy_kwargs,
     ):
         super().__init__(policy, tokenizer, **policy_kwargs)
@@ -69,6 +70,9 @@ class RLModule(PolicyModule):
         self.max_grad_norm = max_grad_norm
         self.generation_batch_size = generation_batch_size
         self.min_new_tokens = min_new_tokens  # > 0 only to force response lengths in benchmarks
+        self.fast_sampling = fast_sampling
+        self._sampler = None
+        self._sampler_step = -1
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.warmup_steps = warmup_steps
         self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
@@ -102,9 +106,22 @@ class RLModule(PolicyModule):
             param.requires_grad_(name in trainable)
 
     # rollout
+    def generation_model(self):
+        """With `fast_sampling`, a bf16 copy of the policy with the LoRA merged in, synced to the current step."""
+        if not self.fast_sampling:
+            return self.policy
+        from cqr_lightning.models.merged_sampler import MergedSampler
+
+        if self._sampler is None:
+            self._sampler = MergedSampler(self.policy)
+        elif self._sampler_step != self.global_step:
+            self._sampler.sync()
+        self._sampler_step = self.global_step
+        return self._sampler.model
+
     def sample(self, turns):
         samples = generate(
-            self.policy,
+            self.generation_model(),
             self.tokenizer,
             self.prompts(turns),
             max_new_tokens=self.max_new_tokens,
