@@ -73,6 +73,18 @@ def build_model_dir(data: Path, out: Path) -> Path:
     return out
 
 
+def long_context_split(data: Path) -> Path:
+    """dev turns whose history is prefixed with other conversations' utterances (cut to fit the prompt)."""
+    rows = [json.loads(line) for line in (data / "dev.jsonl").open()]
+    filler = [u for row in rows[:40] for u in row["history"]]
+    out = data / "long"
+    out.mkdir(exist_ok=True)
+    with (out / "dev.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps({**row, "history": filler + row["history"]}) + "\n")
+    return out
+
+
 class Timings(L.Callback):
     def __init__(self):
         self.steps: list[dict[str, float]] = []
@@ -88,6 +100,13 @@ class Timings(L.Callback):
         self.steps.append(row)
 
 
+def mean_prompt_tokens(module, data_cfg, n: int) -> float:
+    from data_modules.conversations import ConversationDataModule
+
+    turns = [t for t, _ in ConversationDataModule(data_cfg).ordered_stream("dev", n)]
+    return sum(len(module.tokenizer(p)["input_ids"]) for p in module.prompts(turns)) / len(turns)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True, help="folder with corpus.jsonl and dev.jsonl")
@@ -99,6 +118,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--fast", action="store_true", help="sample from the merged bf16 copy (fast_sampling)")
+    parser.add_argument("--long-context", action="store_true", help="give every turn a long history so prompts fill --max-prompt")
     args = parser.parse_args()
 
     from callbacks.retrieval_reward import RetrievalRewardCallback
@@ -120,9 +141,11 @@ def main() -> None:
         micro_batch_size=args.micro_batch,
         max_prompt_length=args.max_prompt,
         lr=1e-5,
+        fast_sampling=args.fast,
     )
+    data_dir = long_context_split(args.data) if args.long_context else args.data
     data_cfg = OmegaConf.create(
-        {"format": "jsonl", "dir": str(args.data), "corpus": str(args.data / "corpus.jsonl"),
+        {"format": "jsonl", "dir": str(data_dir), "corpus": str(args.data / "corpus.jsonl"),
          "train_split": "dev", "eval_split": "dev", "shuffle_buffer": 0, "seed": 0}
     )  # fmt: skip
     retriever_cfg = OmegaConf.create({"name": "bm25s", "k": 100, "max_query_words": 1024, "index_dir": None})
@@ -142,6 +165,7 @@ def main() -> None:
         "mean": {k: sum(s[k] for s in timed) / len(timed) for k in timed[0]},
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "mean_prompt_tokens": mean_prompt_tokens(module, data_cfg, args.prompts),
         "all_steps": timings.steps,
     }
     mean = summary["mean"]
@@ -150,7 +174,7 @@ def main() -> None:
     trained = sequences * (mean["train/response_tokens"])
     summary["trained_tokens_per_s"] = trained / (mean["time/forward_backward"] + mean.get("time/reference_logprobs", 0))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}.json"
+    name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{'_fast' if args.fast else ''}.json"
     (args.out / name).write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "all_steps"}, indent=2))
 
