@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--fast", action="store_true", help="sample from the merged bf16 copy (fast_sampling)")
-    parser.add_argument("--long-context", action="store_true", help="give every turn a long history so prompts fill --max-prompt")
+    parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     args = parser.parse_args()
 
     from callbacks.retrieval_reward import RetrievalRewardCallback
