@@ -97,6 +97,9 @@ class Timings(L.Callback):
         torch.cuda.synchronize()
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("time/", "train/"))}
         row["step_seconds"] = time.perf_counter() - self.start
+        free, total = torch.cuda.mem_get_info()
+        row["device_used_gib"] = (total - free) / 2**30  # all memory on the card, PyTorch's allocator or not
+        print(f"step {trainer.global_step}: {row['step_seconds']:.1f} s, device used {row['device_used_gib']:.1f} GiB")
         self.steps.append(row)
 
 
@@ -132,6 +135,9 @@ def main() -> None:
     model_cfg.name_or_path = str(model_dir)
     model_cfg.max_prompt_length = args.max_prompt
     policy, tokenizer = load_policy(model_cfg), load_tokenizer(model_cfg)
+    free, total = torch.cuda.mem_get_info()
+    used, by_torch = (total - free) / 2**30, torch.cuda.memory_allocated() / 2**30
+    print(f"policy loaded: device used {used:.1f} GiB, torch {by_torch:.1f}")
     module = RLModule(
         policy,
         tokenizer,

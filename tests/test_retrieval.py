@@ -287,6 +287,14 @@ def test_config_errors(corpus):
         ensure_index(bm25s_cfg(stemmer="klingon"), corpus, show_progress=False)
     with pytest.raises(ConfigError, match="model"):
         parse_config({"name": "dense", "model": None})
+    from omegaconf import OmegaConf
+
+    dense_yaml = OmegaConf.load(PROJECT_DIR / "conf" / "retriever" / "dense.yaml")
+    with pytest.raises(ConfigError, match=r"^retriever\.model must be set"):
+        parse_config(dense_yaml)
+    root = OmegaConf.create({"retriever": dense_yaml})
+    with pytest.raises(ConfigError, match=r"^retriever\.model must be set"):
+        parse_config(root.retriever)
 
 
 def test_retriever_yaml_files_parse():

@@ -13,7 +13,8 @@ Where the index lives:
   settings and, when a corpus is given, the corpus) or, for `bm25`, a prebuilt Pyserini/Lucene index
   (then no corpus is needed); built there if it is missing or empty.
 
-Two processes building the same index at once both work, and the second to finish keeps the first's.
+If two processes build the same index at once, both finish: the first rename wins and the other process
+uses that index and discards its own.
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ def _plain_dict(cfg: Mapping) -> dict:
         try:
             return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as exc:
-            raise ConfigError(f"retriever.{exc.full_key} must be set (it is ??? in the config)") from exc
+            key = exc.full_key if exc.full_key.startswith("retriever.") else f"retriever.{exc.full_key}"
+            raise ConfigError(f"{key} must be set (it is ??? in the config)") from exc
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"retriever config must be a mapping, got {type(cfg).__name__}")
     return dict(cfg)
