@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,11 +111,7 @@ def make_analyzer(settings: Bm25sSettings) -> EnglishAnalyzer:
 
 
 def _import_bm25s():
-    # bm25s tries JAX for top-k selection at import time when JAX is installed; JAX then claims 75% of
-    # the GPU's memory for itself (seen on the H100: 60 GiB beside a 13 GiB training step). Keep it on
-    # the CPU: the selection is cheap, and the GPU belongs to the policy.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import bm25s
+    import bm25s  # JAX, which bm25s would use, is kept off the GPU in cqr_lightning/__init__.py
 
     # bm25s sets its own logger to DEBUG at import; once any root handler exists (pyserini adds one)
     # every index build would print debug lines.
