@@ -36,11 +36,12 @@ def main() -> None:
     policy, tokenizer = load_policy(cfg), load_tokenizer(cfg)
     report("policy (4-bit + LoRA)")
     prompts = ["<|im_start|>user\n" + "word " * 1000 + "<|im_end|>\n<|im_start|>assistant\n"] * 2
-    samples = generate(policy, tokenizer, prompts, max_new_tokens=32, min_new_tokens=32, num_return_sequences=8, do_sample=True)
+    options = {"max_new_tokens": 32, "min_new_tokens": 32, "num_return_sequences": 8, "do_sample": True}
+    samples = generate(policy, tokenizer, prompts, **options)
     report("generate from 4-bit policy")
     sampler = MergedSampler(policy)
     report("merged bf16 copy")
-    samples = generate(sampler.model, tokenizer, prompts, max_new_tokens=32, min_new_tokens=32, num_return_sequences=8, do_sample=True)
+    samples = generate(sampler.model, tokenizer, prompts, **options)
     report("generate from merged copy")
     torch.cuda.empty_cache()
     report("after empty_cache")
