@@ -285,7 +285,6 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         response_format=cfg.response_format,
         val_batch_size=r.val_batch_size,
     )
-    module._restore_trainable()
     if logger is not None:
         module.extras["mlflow_run_id"] = logger.run_id
     datamodule = ConversationDataModule(
