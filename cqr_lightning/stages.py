@@ -280,6 +280,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         weight_decay=r.weight_decay,
         warmup_steps=r.warmup_steps,
         generation_batch_size=r.get("generation_batch_size"),
+        fast_sampling=r.fast_sampling,
         max_prompt_length=cfg.model.max_prompt_length,
         max_new_tokens=r.max_new_tokens,
         response_format=cfg.response_format,

@@ -173,3 +173,19 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_
     assert len(killed_runs) == 1, "the resumed run logs into the same MLflow run"
     steps = [m.step for m in client.get_metric_history(killed_runs[0].info.run_id, "train/reward_mean")]
     assert sorted(set(steps)) == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["experiment=paper"], ["model=llama-3.2-3b", "retriever=dense", "retriever.model=PATH"], ["logger=none"]],
+)
+def test_every_config_composes_and_validates(overrides):
+    from cqr_lightning.models.loading import ModelConfig
+    from cqr_lightning.retrieval.factory import parse_config
+
+    cfg = compose_train(overrides)
+    ModelConfig.from_cfg(cfg.model)
+    parse_config(cfg.retriever)
+    assert cfg.stage in train.STAGES and cfg.rl.group_size >= 2
+    if overrides == ["experiment=paper"]:
+        assert (cfg.response_format, cfg.rl.max_new_tokens, cfg.retriever.name) == ("think_rewrite", 1024, "bm25")
