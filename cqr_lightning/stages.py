@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -115,6 +116,25 @@ def final_adapter(stage_dir: Path) -> Path:
     return stage_dir / "adapter"
 
 
+@dataclass
+class StageStart:
+    dir: Path
+    ckpt: str | None  # checkpoint to resume from
+    logger: object | None  # MLflow logger: the checkpoint's own run when resuming
+
+
+def start_stage(cfg: DictConfig, run_dir: Path, name: str) -> StageStart | None:
+    """None when the stage already finished (its adapter exists); else where it works and what it resumes."""
+    stage_dir = run_dir / name
+    if final_adapter(stage_dir).is_dir():
+        log.info("%s already finished: %s", name, final_adapter(stage_dir))
+        return None
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_to_resume(cfg, stage_dir)
+    run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
+    return StageStart(stage_dir, ckpt, make_logger(cfg, name, run_dir, run_id))
+
+
 # --- warm-up ---------------------------------------------------------------------------------------
 
 
@@ -171,15 +191,11 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     from cqr_lightning.modules.warmup import WarmupModule
     from data_modules.distilled import DistilledDataModule
 
-    stage_dir = run_dir / "warmup"
-    if final_adapter(stage_dir).is_dir():
-        log.info("warm-up already finished: %s", final_adapter(stage_dir))
-        return final_adapter(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage = start_stage(cfg, run_dir, "warmup")
+    if stage is None:
+        return final_adapter(run_dir / "warmup")
+    stage_dir, ckpt, logger = stage.dir, stage.ckpt, stage.logger
     w = cfg.warmup
-    ckpt = checkpoint_to_resume(cfg, stage_dir)
-    run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
-    logger = make_logger(cfg, "warmup", run_dir, run_id)
     policy, tokenizer = load_model(cfg, cfg.model.get("adapter"))
     with open_stage_retriever(cfg) as retriever:
         scorer = RetrievalRewardCallback(
@@ -190,7 +206,8 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         if n_examples == 0:
             raise ConfigError(
                 f"self-distillation kept no sample ({stage_dir / 'distill_stats.json'}): raise warmup.num_samples, "
-                "loosen warmup.keep_rank, or use response_format=rewrite_only for a small model"
+                "loosen warmup.keep_rank, or for a small model use response_format=rewrite_only with "
+                "warmup.prefill_response=true and warmup.lenient_format=true"
             )
         steps_per_epoch = math.ceil(n_examples / w.batch_size / w.accumulate_grad_batches)
         total_steps = steps_per_epoch * w.epochs
@@ -246,15 +263,11 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
     from data_modules.conversations import ConversationDataModule
 
-    stage_dir = run_dir / "rl"
-    if final_adapter(stage_dir).is_dir():
-        log.info("RL already finished: %s", final_adapter(stage_dir))
-        return final_adapter(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage = start_stage(cfg, run_dir, "rl")
+    if stage is None:
+        return final_adapter(run_dir / "rl")
+    stage_dir, ckpt, logger = stage.dir, stage.ckpt, stage.logger
     r = cfg.rl
-    ckpt = checkpoint_to_resume(cfg, stage_dir)
-    run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
-    logger = make_logger(cfg, "rl", run_dir, run_id)
     policy, tokenizer = load_model(cfg, adapter)
     if adapter:
         load_adapter(policy, adapter, trainable=False, adapter_name=REFERENCE_ADAPTER)
