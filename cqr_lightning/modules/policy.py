@@ -13,8 +13,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from cqr_lightning.evaluation import score_queries
 from cqr_lightning.formatting import parse_response
-from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_metrics
+from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics
 from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import THINK_REWRITE, render_prompt
 from cqr_lightning.records import Turn
@@ -90,12 +91,10 @@ class PolicyModule(L.LightningModule):
         )
         parsed = [parse_response(s.text, self.response_format) for s in samples]
         queries = [p.rewrite or t.question for p, t in zip(parsed, turns, strict=True)]
-        runs = self.scorer.retriever.search(queries, k=self.scorer.depth)
-        rankings = {t.id: [h.passage_id for h in hits] for t, hits in zip(turns, runs, strict=True)}
-        metrics = per_query_metrics(rankings, {t.id: list(t.positives) for t in turns})
-        for p, t in zip(parsed, turns, strict=True):
-            if t.id in metrics:
-                self._val_results.append({**metrics[t.id], "format_ok": float(p.format_ok)})
+        results = score_queries(turns, queries, self.scorer.retriever, k=self.scorer.depth)
+        for p, result in zip(parsed, results, strict=True):
+            if result.metrics:
+                self._val_results.append({**result.metrics, "format_ok": float(p.format_ok)})
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_results:
