@@ -110,7 +110,8 @@ def mean_prompt_tokens(module, data_cfg, n: int) -> float:
     return sum(len(module.tokenizer(p)["input_ids"]) for p in module.prompts(turns)) / len(turns)
 
 
-def main() -> None:
+def workload_parser() -> argparse.ArgumentParser:
+    """The workload's settings, shared with bench/trl_grpo_step.py so both measure the same thing."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True, help="folder with corpus.jsonl and dev.jsonl")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen25-3b-random"))
@@ -121,6 +122,11 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("."))
+    return parser
+
+
+def main() -> None:
+    parser = workload_parser()
     parser.add_argument("--fast", action="store_true", help="sample from the merged bf16 copy (fast_sampling)")
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     args = parser.parse_args()

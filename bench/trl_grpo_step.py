@@ -10,7 +10,6 @@ the length forced, the same rank-incentive bm25s reward, learning rate, KL weigh
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -35,16 +34,9 @@ class StepTimes(TrainerCallback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen25-3b-random"))
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--response", type=int, default=256)
-    parser.add_argument("--max-prompt", type=int, default=1536)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("."))
+    from grpo_step import workload_parser  # bench/ is the script's folder, so it is importable
+
+    parser = workload_parser()
     args = parser.parse_args()
 
     from datasets import Dataset

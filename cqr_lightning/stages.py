@@ -87,6 +87,22 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
     )
 
 
+def policy_settings(cfg: DictConfig, stage_cfg: DictConfig) -> dict:
+    """The PolicyModule arguments both stages take from the same places."""
+    return {
+        "max_prompt_length": cfg.model.max_prompt_length,
+        "max_new_tokens": stage_cfg.max_new_tokens,
+        "response_format": cfg.response_format,
+        "val_batch_size": stage_cfg.val_batch_size,
+    }
+
+
+def remember_run(module, logger) -> None:
+    """Store the MLflow run id with the checkpoints, so a resumed stage logs into the same run."""
+    if logger is not None:
+        module.extras["mlflow_run_id"] = logger.run_id
+
+
 def load_model(cfg: DictConfig, adapter: str | None):
     from cqr_lightning.models.loading import load_policy, load_tokenizer
 
@@ -222,13 +238,9 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             warmup_steps=int(w.warmup_ratio * total_steps),
             total_steps=total_steps,
             schedule=w.schedule,
-            max_prompt_length=cfg.model.max_prompt_length,
-            max_new_tokens=w.max_new_tokens,
-            response_format=cfg.response_format,
-            val_batch_size=w.val_batch_size,
+            **policy_settings(cfg, w),
         )
-        if logger is not None:
-            module.extras["mlflow_run_id"] = logger.run_id
+        remember_run(module, logger)
         datamodule = DistilledDataModule(
             distilled, cfg.data, batch_size=w.batch_size, eval_batch_size=w.val_batch_size, val_limit=w.val_limit
         )
@@ -294,13 +306,9 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         warmup_steps=r.warmup_steps,
         generation_batch_size=r.get("generation_batch_size"),
         fast_sampling=r.fast_sampling,
-        max_prompt_length=cfg.model.max_prompt_length,
-        max_new_tokens=r.max_new_tokens,
-        response_format=cfg.response_format,
-        val_batch_size=r.val_batch_size,
+        **policy_settings(cfg, r),
     )
-    if logger is not None:
-        module.extras["mlflow_run_id"] = logger.run_id
+    remember_run(module, logger)
     datamodule = ConversationDataModule(
         cfg.data, batch_size=r.batch_size, eval_batch_size=r.val_batch_size, val_limit=r.val_limit
     )
