@@ -56,6 +56,8 @@ def build_rewriter(cfg: DictConfig):
             batch_size=cfg.rewriter.batch_size,
             response_format=cfg.rewriter.response_format,
             few_shot=cfg.rewriter.few_shot,
+            prefill=cfg.rewriter.get("prefill_response", False),
+            lenient=cfg.rewriter.get("lenient_format", False),
         )
     raise ValueError(f"unknown rewriter '{name}': use raw, history, human or model")
 

@@ -37,13 +37,17 @@ def response_prefix(response_format: str) -> str:
     return _OPEN_TAG[response_format]
 
 
+# Where a small model starts echoing the prompt's layout (prompts.py): "### Context ...", "Query:", "Rewrite:", "Q2:".
+_PROMPT_ECHO = re.compile(r"###|\b(?:Query|Rewrite|[QA]\d+):")
+
+
 def lenient_rewrite(text: str) -> str | None:
     """For small models that write a good rewrite but break the tags: the first line after `<rewrite>`,
-    up to any closing or malformed tag; None when nothing is left."""
+    up to any closing or malformed tag or echo of the prompt's layout; None when nothing is left."""
     start = text.find("<rewrite>")
     if start < 0:
         return None
     body = text[start + len("<rewrite>") :].lstrip()
     line = body.split("\n", 1)[0]
-    rewrite = line.split("</", 1)[0].split("<", 1)[0].strip()
+    rewrite = _PROMPT_ECHO.split(line.split("</", 1)[0].split("<", 1)[0], maxsplit=1)[0].strip()
     return rewrite or None

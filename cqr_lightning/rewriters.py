@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cqr_lightning.errors import ConfigError
-from cqr_lightning.formatting import parse_response
-from cqr_lightning.prompts import THINK_REWRITE, render_prompt
+from cqr_lightning.formatting import lenient_rewrite, parse_response, response_prefix
+from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, render_prompt
 from cqr_lightning.records import Turn
 
 
@@ -38,13 +38,17 @@ class HistoryRewriter:
         ]
 
 
+class MissingHumanRewrites(ConfigError):
+    """rewriter=human on turns that carry no human rewrite."""
+
+
 class HumanRewriter:
     """The human rewrite shipped with the data."""
 
     def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
         missing = [turn.id for turn in turns if not turn.rewrite]
         if missing:
-            raise ConfigError(
+            raise MissingHumanRewrites(
                 f"rewriter=human needs a human rewrite for every turn, but {len(missing)} turn(s) have none "
                 f"(first: {missing[0]}); use rewriter=raw, history or model for this data"
             )
@@ -56,6 +60,10 @@ class ModelRewriter:
 
     When the response holds no rewrite the raw question is used as the query, and the turn counts
     as a format failure.
+
+    For an untuned small model, `prefill` starts every response with the format's opening tag and
+    `lenient` (rewrite_only) reads the rewrite from broken tags, as the warm-up's sampling does; the
+    response is then still counted as a format failure unless it is well-formed.
     """
 
     def __init__(
@@ -67,7 +75,13 @@ class ModelRewriter:
         batch_size: int = 8,
         response_format: str = THINK_REWRITE,
         few_shot: bool = False,
+        prefill: bool = False,
+        lenient: bool = False,
     ):
+        if lenient and response_format != REWRITE_ONLY:
+            raise ConfigError("rewriter.lenient_format works with rewriter.response_format=rewrite_only only")
+        self.prefill = response_prefix(response_format) if prefill else ""
+        self.lenient = lenient
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
@@ -78,7 +92,8 @@ class ModelRewriter:
 
     def prompts(self, turns: Sequence[Turn]) -> list[str]:
         return [
-            render_prompt(self.tokenizer, t, self.max_prompt_length, self.few_shot, self.response_format) for t in turns
+            render_prompt(self.tokenizer, t, self.max_prompt_length, self.few_shot, self.response_format) + self.prefill
+            for t in turns
         ]
 
     def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
@@ -94,6 +109,8 @@ class ModelRewriter:
         )
         rewrites = []
         for turn, sample in zip(turns, samples, strict=True):
-            parsed = parse_response(sample.text, self.response_format)
-            rewrites.append(Rewrite(parsed.rewrite or turn.question, sample.text, parsed.format_ok))
+            text = self.prefill + sample.text
+            parsed = parse_response(text, self.response_format)
+            rewrite = parsed.rewrite or (lenient_rewrite(text) if self.lenient else None)
+            rewrites.append(Rewrite(rewrite or turn.question, text, parsed.format_ok))
         return rewrites

