@@ -25,10 +25,16 @@ cfg.load_in_4bit = True
 load_base_model(cfg)
 " >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
 
+# A run folder carried in .gpu_runs/seedN (for example an earlier machine's distilled.jsonl) seeds a new run.
+for seed in "${seeds[@]}"; do
+  if [ -d ".gpu_runs/seed$seed" ] && [ ! -d "$runs/seed$seed" ]; then cp -r ".gpu_runs/seed$seed" "$runs/"; fi
+done
+
 started=$(date +%s)
 for seed in "${seeds[@]}"; do
+  # shellcheck disable=SC2086  # EXTRA holds further key=value overrides, split on spaces
   timeout --signal=KILL "$seconds" python3 train.py experiment=pack_smollm2 "seed=$seed" \
-    "run_dir=$runs/seed$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu \
+    "run_dir=$runs/seed$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu ${EXTRA:-} \
     >>"$runs/seed$seed.log" 2>&1 &
 done
 wait

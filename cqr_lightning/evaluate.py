@@ -22,7 +22,7 @@ from cqr_lightning.evaluation import TurnResult, format_table, score_queries, su
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.readers import turn_reader
 from cqr_lightning.records import Turn
-from cqr_lightning.rewriters import HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
+from cqr_lightning.rewriters import FileRewriter, HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ def build_rewriter(cfg: DictConfig):
         return HistoryRewriter(cfg.rewriter.roles)
     if name == "human":
         return HumanRewriter()
+    if name == "file":
+        return FileRewriter(cfg.rewriter.path)
     if name == "model":
         from cqr_lightning.models.loading import load_policy, load_tokenizer
 
@@ -59,7 +61,7 @@ def build_rewriter(cfg: DictConfig):
             prefill=cfg.rewriter.get("prefill_response", False),
             lenient=cfg.rewriter.get("lenient_format", False),
         )
-    raise ValueError(f"unknown rewriter '{name}': use raw, history, human or model")
+    raise ValueError(f"unknown rewriter '{name}': use raw, history, human, file or model")
 
 
 def rewrite_all(rewriter, turns: list[Turn], batch_size: int):

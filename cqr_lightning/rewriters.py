@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from cqr_lightning.errors import ConfigError
+from cqr_lightning.errors import ConfigError, DataError
 from cqr_lightning.formatting import lenient_rewrite, parse_response, response_prefix
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, render_prompt
 from cqr_lightning.records import Turn
@@ -53,6 +55,39 @@ class HumanRewriter:
                 f"(first: {missing[0]}); use rewriter=raw, history or model for this data"
             )
         return [Rewrite(turn.rewrite) for turn in turns]
+
+
+class FileRewriter:
+    """Queries saved earlier, one JSON object per line with `id` and `query` (an evaluation's rewrites.jsonl):
+    scores another model's rewrites, or the same rewrites against another retriever, without generating."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.queries = read_saved_queries(self.path)
+
+    def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
+        missing = [turn.id for turn in turns if turn.id not in self.queries]
+        if missing:
+            raise DataError(self.path, f"no query for {len(missing)} evaluated turn(s) (first: {missing[0]})")
+        return [Rewrite(self.queries[turn.id]) for turn in turns]
+
+
+def read_saved_queries(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise ConfigError(f"rewriter.path: no file at {path}")
+    queries: dict[str, str] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(path, f"not JSON ({error.msg})", number) from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("query"), str):
+                raise DataError(path, 'expected an object with string "id" and "query"', number)
+            queries[row["id"]] = row["query"]
+    return queries
 
 
 class ModelRewriter:

@@ -84,3 +84,67 @@ def test_tiny_model_rewriter_through_the_command_line(fixture_data_dir, tmp_path
     assert metrics["n"] == 4 and 0.0 <= metrics["format_ok"] <= 1.0
     rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
     assert all("response" in row for row in rows)
+
+
+@pytest.mark.slow
+def test_a_trained_adapter_evaluates_on_another_turn_file_with_one_command(fixture_data_dir, tmp_path, monkeypatch):
+    import torch
+
+    from cqr_lightning.models.loading import ModelConfig, load_policy, save_adapter
+
+    monkeypatch.setenv("CQR_CACHE_DIR", str(tmp_path / "cache"))
+    policy = load_policy(ModelConfig.from_cfg({"name_or_path": "tiny", "load_in_4bit": False}))
+    with torch.no_grad():  # a fresh LoRA is a no-op (B = 0): move it so the adapter changes what the model writes
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    adapter = save_adapter(policy, tmp_path / "adapter")
+    other = tmp_path / "elsewhere" / "my_turns.jsonl"  # not <data.dir>/<split>.jsonl
+    other.parent.mkdir()
+    other.write_text("".join((fixture_data_dir / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
+
+    def evaluate(out: Path, *extra: str) -> list[dict]:
+        command = [
+            sys.executable, "-m", "cqr_lightning.evaluate", "data=jsonl", f"data.dir={fixture_data_dir}",
+            f"data.eval_split={other}", "rewriter=model", "model=tiny", "model.load_in_4bit=false",
+            "rewriter.max_new_tokens=8", f"output_dir={out}", "logger=none", *extra,
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((out / "metrics.json").read_text())["n"] == 5
+        return [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+
+    tuned = evaluate(tmp_path / "tuned", f"model.adapter={adapter}")
+    base = evaluate(tmp_path / "base")
+    assert [row["id"] for row in tuned] == [json.loads(line)["id"] for line in other.read_text().splitlines()]
+    assert [row["response"] for row in tuned] != [row["response"] for row in base]
+
+
+def test_saved_rewrites_are_rescored_against_another_retriever(fixture_data_dir, tmp_path):
+    saved = tmp_path / "human"
+    human = run_evaluation(evaluate_cfg(fixture_data_dir, saved, tmp_path / "m.db", "rewriter=human", "logger=none"))
+    rescored = run_evaluation(
+        evaluate_cfg(
+            fixture_data_dir, tmp_path / "again", tmp_path / "m.db", "rewriter=file",
+            f"rewriter.path={saved / 'rewrites.jsonl'}", "logger=none",
+        )  # fmt: skip
+    )
+    assert {k: rescored[k] for k in METRIC_NAMES} == {k: human[k] for k in METRIC_NAMES}
+    again = [json.loads(line)["query"] for line in (tmp_path / "again" / "rewrites.jsonl").read_text().splitlines()]
+    assert again == [json.loads(line)["query"] for line in (saved / "rewrites.jsonl").read_text().splitlines()]
+
+
+def test_saved_rewrites_missing_a_turn_or_malformed_name_the_file_and_line(fixture_data_dir, tmp_path):
+    from cqr_lightning.errors import DataError
+
+    rows = [json.loads(line) for line in (fixture_data_dir / "dev.jsonl").read_text().splitlines()]
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"id": r["id"], "query": r["question"]}) + "\n" for r in rows[:-1]))
+    cfg = evaluate_cfg(fixture_data_dir, tmp_path / "o", tmp_path / "m.db", "rewriter=file", f"rewriter.path={short}")
+    with pytest.raises(DataError, match=f"{short}: no query for 1 evaluated turn"):
+        run_evaluation(cfg)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"id": "x", "query": "q"}) + "\n{not json\n")
+    cfg = evaluate_cfg(fixture_data_dir, tmp_path / "o", tmp_path / "m.db", "rewriter=file", f"rewriter.path={broken}")
+    with pytest.raises(DataError, match=f"{broken}:2: not JSON"):
+        run_evaluation(cfg)

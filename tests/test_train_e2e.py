@@ -80,7 +80,7 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     by_stage = {}
     for run in runs:
         by_stage.setdefault(run.data.tags.get("stage", "evaluate"), []).append(run)
-    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 3
+    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 4  # one per table row
     rl_run = by_stage["rl"][0]
     assert rl_run.data.params["rl.group_size"] == "2"
     assert len(client.get_metric_history(rl_run.info.run_id, "train/reward_mean")) == 3
