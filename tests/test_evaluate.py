@@ -120,18 +120,14 @@ def test_a_trained_adapter_evaluates_on_another_turn_file_with_one_command(fixtu
     assert [row["response"] for row in tuned] != [row["response"] for row in base]
 
 
-def test_saved_rewrites_are_rescored_against_another_retriever(fixture_data_dir, tmp_path):
-    saved = tmp_path / "human"
-    human = run_evaluation(evaluate_cfg(fixture_data_dir, saved, tmp_path / "m.db", "rewriter=human", "logger=none"))
-    rescored = run_evaluation(
-        evaluate_cfg(
-            fixture_data_dir, tmp_path / "again", tmp_path / "m.db", "rewriter=file",
-            f"rewriter.path={saved / 'rewrites.jsonl'}", "logger=none",
-        )  # fmt: skip
-    )
+def test_saved_rewrites_scored_again_give_the_same_queries_and_figures(fixture_data_dir, tmp_path):
+    saved, again, db = tmp_path / "human", tmp_path / "again", tmp_path / "m.db"
+    human = run_evaluation(evaluate_cfg(fixture_data_dir, saved, db, "rewriter=human", "logger=none"))
+    path = f"rewriter.path={saved / 'rewrites.jsonl'}"
+    rescored = run_evaluation(evaluate_cfg(fixture_data_dir, again, db, "rewriter=file", path, "logger=none"))
     assert {k: rescored[k] for k in METRIC_NAMES} == {k: human[k] for k in METRIC_NAMES}
-    again = [json.loads(line)["query"] for line in (tmp_path / "again" / "rewrites.jsonl").read_text().splitlines()]
-    assert again == [json.loads(line)["query"] for line in (saved / "rewrites.jsonl").read_text().splitlines()]
+    queries = [json.loads(line)["query"] for line in (again / "rewrites.jsonl").read_text().splitlines()]
+    assert queries == [json.loads(line)["query"] for line in (saved / "rewrites.jsonl").read_text().splitlines()]
 
 
 def test_saved_rewrites_missing_a_turn_or_malformed_name_the_file_and_line(fixture_data_dir, tmp_path):
