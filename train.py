@@ -10,8 +10,10 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
 from cqr_lightning.config import CONF_DIR, register_resolvers
 from cqr_lightning.errors import ConfigError
 
@@ -39,7 +41,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except SIGTERMException:
+        log.warning("stopped by SIGTERM; run the same command again (same run_dir) to resume")
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     log.info("done: %s", result if not isinstance(result, dict) else Path(cfg.run_dir) / "eval" / "summary.json")
 
 

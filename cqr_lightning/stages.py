@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.best_adapter import BestAdapterCallback
 from callbacks.retrieval_reward import RetrievalRewardCallback
+from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
@@ -76,7 +77,12 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
         accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=logger if logger is not None else False,
-        callbacks=[*callbacks, StreamPositionCallback(), checkpoint],
+        callbacks=[
+            *callbacks,
+            StreamPositionCallback(),
+            StopOnSigterm(stage_dir / "checkpoints" / LAST_CHECKPOINT),
+            checkpoint,
+        ],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_sanity_val_steps=0,
@@ -178,7 +184,11 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
     )
     datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
     trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_model_summary=False, callbacks=[]
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=[StopOnSigterm()],
     )
     batches = trainer.predict(sampler, datamodule=datamodule)
     sampled = [pair for batch in batches for pair in batch]

@@ -175,9 +175,45 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_
     assert sorted(set(steps)) == list(range(6))
 
 
+@pytest.mark.slow
+def test_sigterm_stops_after_the_current_step_with_a_checkpoint_of_it(fixture_data_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+    # no periodic checkpoint: a last.ckpt can only come from the SIGTERM handling
+    command = [*train_command(fixture_data_dir, run_dir, tmp_path / "mlflow.db", 6), "rl.checkpoint_every_n_steps=100"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    curves = run_dir / "rl" / "curves.csv"
+
+    def steps_done() -> int:
+        return curves.read_text().count("train/reward_mean") if curves.is_file() else 0
+
+    deadline = time.time() + 300
+    while time.time() < deadline and steps_done() < 2 and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    last = run_dir / "rl" / "checkpoints" / "last.ckpt"
+    stopped_at = checkpoint_step(last)
+    assert 2 <= stopped_at < 6 and stopped_at == steps_done()
+    assert not (run_dir / "rl" / "adapter").exists()
+
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    steps = [int(line.split(",")[0]) for line in curves.read_text().splitlines() if "train/reward_mean" in line]
+    assert steps == list(range(1, 7)), "the rerun continues after the stopped step, redoing none"
+    assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["experiment=paper"], ["model=llama-3.2-3b", "retriever=dense", "retriever.model=PATH"], ["logger=none"]],
+    [
+        [],
+        ["experiment=paper"],
+        ["experiment=pack_smollm2"],
+        ["model=llama-3.2-3b", "retriever=dense", "retriever.model=PATH"],
+        ["logger=none"],
+    ],
 )
 def test_every_config_composes_and_validates(overrides):
     from cqr_lightning.models.loading import ModelConfig
