@@ -128,6 +128,7 @@ def workload_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = workload_parser()
     parser.add_argument("--fast", action="store_true", help="sample from the merged bf16 copy (fast_sampling)")
+    parser.add_argument("--static", action="store_true", help="static KV cache, compiled decoding (static_decoding)")
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     args = parser.parse_args()
 
@@ -154,6 +155,7 @@ def main() -> None:
         max_prompt_length=args.max_prompt,
         lr=1e-5,
         fast_sampling=args.fast,
+        static_decoding=args.static,
     )
     data_dir = long_context_split(args.data) if args.long_context else args.data
     data_cfg = OmegaConf.create(
@@ -186,7 +188,8 @@ def main() -> None:
     trained = sequences * (mean["train/response_tokens"])
     summary["trained_tokens_per_s"] = trained / (mean["time/forward_backward"] + mean.get("time/reference_logprobs", 0))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{'_fast' if args.fast else ''}.json"
+    variant = ("_fast" if args.fast else "") + ("_static" if args.static else "")
+    name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{variant}.json"
     (args.out / name).write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "all_steps"}, indent=2))
 

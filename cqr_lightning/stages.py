@@ -316,6 +316,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         warmup_steps=r.warmup_steps,
         generation_batch_size=r.get("generation_batch_size"),
         fast_sampling=r.fast_sampling,
+        static_decoding=r.get("static_decoding", False),
         **policy_settings(cfg, r),
     )
     remember_run(module, logger)

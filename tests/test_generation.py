@@ -235,3 +235,11 @@ def test_model_rewriter_prefills_the_tag_and_reads_a_broken_rewrite_leniently(po
 def test_lenient_reading_needs_the_rewrite_only_format(policy, tokenizer):
     with pytest.raises(ConfigError, match="rewrite_only"):
         ModelRewriter(policy, tokenizer, response_format=THINK_REWRITE, lenient=True)
+
+
+def test_static_cache_with_padded_prompts_writes_the_same_greedy_text(policy, tokenizer, prompts):
+    dynamic = generate(policy, tokenizer, prompts, max_new_tokens=10, stop_strings=())
+    width = max(len(ids(tokenizer, p)) for p in prompts) + 7  # wider than any prompt: extra left padding
+    static = generate(policy, tokenizer, prompts, max_new_tokens=10, stop_strings=(), static_cache_width=width)
+    assert [s.response_ids for s in static] == [s.response_ids for s in dynamic]
+    assert [list(s.prompt_ids) for s in static] == [ids(tokenizer, p) for p in prompts]

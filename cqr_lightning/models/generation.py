@@ -73,8 +73,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
+def _left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device, min_width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(min_width, *(len(row) for row in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -130,6 +132,7 @@ def generate(
     min_new_tokens: int = 0,
     batch_size: int | None = None,
     seed: int | None = None,
+    static_cache_width: int | None = None,
 ) -> list[GeneratedSample]:
     """Sample `num_return_sequences` responses for each prompt, in prompt order.
 
@@ -139,6 +142,10 @@ def generate(
     leaves torch's global random state untouched; without it, it follows the global state
     (`torch.manual_seed` before the call makes it reproducible). The model runs in eval mode, without
     gradients and with the KV cache; its previous train/eval mode is restored afterwards.
+
+    `static_cache_width` switches to transformers' static KV cache with every batch left-padded to at least that
+    many prompt tokens, so each call has the same shapes: on a GPU, `generate` then compiles the decoding step
+    once (CUDA graphs) instead of launching every kernel from Python at every token. Outputs are unchanged.
     """
     if max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
@@ -165,6 +172,8 @@ def generate(
         options.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if stops:
         options.update(stop_strings=stops, tokenizer=tokenizer)
+    if static_cache_width is not None:
+        options["cache_implementation"] = "static"
 
     step = batch_size or len(encoded)
     device = model.device
@@ -175,7 +184,7 @@ def generate(
         with torch.no_grad(), _rng_scope(seed, device):
             for start in range(0, len(encoded), step):
                 batch = encoded[start : start + step]
-                input_ids, attention_mask = _left_pad(batch, pad_id, device)
+                input_ids, attention_mask = _left_pad(batch, pad_id, device, static_cache_width or 0)
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
                 new_tokens = output[:, input_ids.shape[1] :].tolist()  # [B * n, <= max_new_tokens]
                 for row, generated in enumerate(new_tokens):

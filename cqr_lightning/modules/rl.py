@@ -52,6 +52,7 @@ class RLModule(PolicyModule):
         generation_batch_size: int | None = None,
         min_new_tokens: int = 0,
         fast_sampling: bool = False,
+        static_decoding: bool = False,
         **policy_kwargs,
     ):
         super().__init__(policy, tokenizer, **policy_kwargs)
@@ -71,6 +72,7 @@ class RLModule(PolicyModule):
         self.generation_batch_size = generation_batch_size
         self.min_new_tokens = min_new_tokens  # > 0 only to force response lengths in benchmarks
         self.fast_sampling = fast_sampling
+        self.static_decoding = static_decoding
         self._sampler = None
         self._sampler_step = -1
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
@@ -131,6 +133,7 @@ class RLModule(PolicyModule):
             top_p=self.top_p,
             num_return_sequences=self.group_size,
             batch_size=self.generation_batch_size,
+            static_cache_width=self.max_prompt_length if self.static_decoding else None,
         )
         samples = sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
         return samples
