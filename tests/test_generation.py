@@ -243,3 +243,13 @@ def test_static_cache_with_padded_prompts_writes_the_same_greedy_text(policy, to
     static = generate(policy, tokenizer, prompts, max_new_tokens=10, stop_strings=(), static_cache_width=width)
     assert [s.response_ids for s in static] == [s.response_ids for s in dynamic]
     assert [list(s.prompt_ids) for s in static] == [ids(tokenizer, p) for p in prompts]
+    # transformers (pinned) records the static cache it built: prompt width plus the response budget
+    assert policy.base_model.model._previous_max_cache_length >= width + 9
+
+
+def test_static_cache_samples_the_same_groups_with_the_same_seed(policy, tokenizer, prompts):
+    options = {"max_new_tokens": 10, "do_sample": True, "temperature": 0.7, "num_return_sequences": 3, "seed": 5}
+    dynamic = generate(policy, tokenizer, prompts, stop_strings=(), **options)
+    static = generate(policy, tokenizer, prompts, stop_strings=(), static_cache_width=64, **options)
+    assert [s.prompt_index for s in static] == [0, 0, 0, 1, 1, 1]
+    assert [s.response_ids for s in static] == [s.response_ids for s in dynamic]
