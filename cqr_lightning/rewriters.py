@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from cqr_lightning.errors import ConfigError, DataError
 from cqr_lightning.formatting import lenient_rewrite, parse_response, response_prefix
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, render_prompt
+from cqr_lightning.readers import iter_jsonl_objects
 from cqr_lightning.records import Turn
 
 
@@ -76,17 +76,10 @@ def read_saved_queries(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise ConfigError(f"rewriter.path: no file at {path}")
     queries: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(path, f"not JSON ({error.msg})", number) from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("query"), str):
-                raise DataError(path, 'expected an object with string "id" and "query"', number)
-            queries[row["id"]] = row["query"]
+    for number, row in iter_jsonl_objects(path):
+        if not isinstance(row.get("id"), str) or not isinstance(row.get("query"), str):
+            raise DataError(path, 'expected an object with string "id" and "query"', number)
+        queries[row["id"]] = row["query"]
     return queries
 
 

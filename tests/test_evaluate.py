@@ -142,5 +142,5 @@ def test_saved_rewrites_missing_a_turn_or_malformed_name_the_file_and_line(fixtu
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"id": "x", "query": "q"}) + "\n{not json\n")
     cfg = evaluate_cfg(fixture_data_dir, tmp_path / "o", tmp_path / "m.db", "rewriter=file", f"rewriter.path={broken}")
-    with pytest.raises(DataError, match=f"{broken}:2: not JSON"):
+    with pytest.raises(DataError, match=f"{broken}:2: malformed JSON"):
         run_evaluation(cfg)
