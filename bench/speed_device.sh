@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 5 on the GPU machine: our GRPO step and TRL's GRPOTrainer on the same workload, back to back.
+#
+#   bash bench/speed_device.sh DATA VARIANT[:SECONDS] ...
+#
+# VARIANT is one of: static (ours, fast_sampling + static_decoding), fast (ours, fast_sampling), plain (ours,
+# 4-bit generate), trl (TRL's GRPOTrainer). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
+# 3 steps) in its own process, stopped after SECONDS (default 300). Expects the wheels of
+# bench/prepare_device_carry.sh installed under /tmp/site. Logs and JSON summaries go to $OUT.
+set -u
+data=$1
+shift
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
+workload=(--data "$data" --prompts 4 --group 8 --response 256 --steps 3 --out "$OUT")
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft, trl; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__)" >>"$OUT/gpu.txt" 2>&1
+for item in "$@"; do
+  variant=${item%%:*}
+  seconds=300
+  [ "$variant" != "$item" ] && seconds=${item#*:}
+  case $variant in
+    static) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static) ;;
+    fast) command=(python3 bench/grpo_step.py "${workload[@]}" --fast) ;;
+    plain) command=(python3 bench/grpo_step.py "${workload[@]}") ;;
+    trl) command=(python3 bench/trl_grpo_step.py "${workload[@]}") ;;
+    *) echo "unknown variant $variant" >&2; exit 2 ;;
+  esac
+  started=$(date +%s)
+  timeout --signal=KILL "$seconds" "${command[@]}" >"$OUT/$variant.log" 2>&1
+  echo "== $variant: exit $?, $(($(date +%s) - started)) s"
+  grep -E "^step |TRL step|generated_tokens_per_s|peak_allocated|peak_reserved|Error|error" "$OUT/$variant.log" | tail -12
+done
