@@ -9,14 +9,14 @@ itself to the module as `pl_module.scorer`.  The module calls `score(...)` for r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from omegaconf import OmegaConf
 
 from cqr_lightning.errors import RetrievalError
-from cqr_lightning.formatting import parse_response
+from cqr_lightning.formatting import is_copy, parse_response
 from cqr_lightning.grpo.rewards import get_reward_function
 from cqr_lightning.prompts import THINK_REWRITE
 from cqr_lightning.records import Turn
@@ -31,6 +31,7 @@ class RewardBatch:
     ranks: list[int | None]
     format_ok: list[bool]
     rewrites: list[str | None]
+    copies: list[bool] = field(default_factory=list)  # whether each rewrite repeats its question (is_copy)
 
 
 def reward_statistics(batch: RewardBatch, group_size: int) -> dict[str, float]:
@@ -44,6 +45,8 @@ def reward_statistics(batch: RewardBatch, group_size: int) -> dict[str, float]:
         "format_failure_rate": 1 - sum(batch.format_ok) / n,
         "rewrite_words": sum(len((w or "").split()) for w in batch.rewrites) / n,
     }
+    if batch.copies:
+        stats["copy_rate"] = sum(batch.copies) / n
     for name, low, high in RANK_BUCKETS:
         stats[f"gold_{name}"] = sum(r is not None and low <= r <= high for r in valid_ranks) / n
     stats["gold_not_found"] = sum(r is None for r in valid_ranks) / n
@@ -121,6 +124,7 @@ class RetrievalRewardCallback(L.Callback):
             ranks=ranks,
             format_ok=[p.format_ok for p in parsed],
             rewrites=[p.rewrite for p in parsed],
+            copies=[is_copy(p.rewrite, turn.question) for p, turn in zip(parsed, turns, strict=True)],
         )
         self.last = (list(turns), list(responses), batch)
         return batch

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, register_resolvers
 from cqr_lightning.evaluation import TurnResult, format_table, score_queries, summarize
+from cqr_lightning.formatting import is_copy
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.readers import turn_reader
 from cqr_lightning.records import Turn
@@ -94,6 +95,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     metrics = summarize(results)
     if rewrites and rewrites[0].format_ok is not None:
         metrics["format_ok"] = sum(bool(r.format_ok) for r in rewrites) / len(rewrites)
+    # the share of turns searched with the question as asked (a rewriter's missing rewrite falls back to it)
+    metrics["copy_rate"] = sum(is_copy(q, t.question) for q, t in zip(queries, turns, strict=True)) / len(turns)
     metrics["seconds"] = time.perf_counter() - started
     write_json(output_dir / "metrics.json", metrics)
     write_jsonl(output_dir / "rewrites.jsonl", (r.to_json() for r in results))

@@ -9,6 +9,8 @@ from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_met
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.base import Retriever, best_gold_rank
 
+SHARE_NAMES = ("format_ok", "copy_rate")  # shares of turns that some results carry besides the metrics
+
 
 @dataclass
 class TurnResult:
@@ -67,12 +69,14 @@ def summarize(results: Sequence[TurnResult]) -> dict[str, float]:
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A plain-text table: one row per named result, metrics in percent."""
-    names = METRIC_NAMES
+    """A plain-text table: one row per named result, metrics in percent.
+
+    `format_ok` and `copy_rate` get a column when some row has them ("-" where a row has not)."""
+    names = [*METRIC_NAMES, *(n for n in SHARE_NAMES if any(n in metrics for metrics in rows.values()))]
     width = max([len(label) for label in rows] + [8])
     header = f"{'':<{width}}  " + "  ".join(f"{n:>10}" for n in names) + f"  {'n':>6}"
     lines = [header]
     for label, metrics in rows.items():
-        values = "  ".join(f"{100 * metrics[n]:>10.1f}" for n in names)
+        values = "  ".join(f"{100 * metrics[n]:>10.1f}" if n in metrics else f"{'-':>10}" for n in names)
         lines.append(f"{label:<{width}}  {values}  {int(metrics['n']):>6}")
     return "\n".join(lines)

@@ -37,6 +37,18 @@ def response_prefix(response_format: str) -> str:
     return _OPEN_TAG[response_format]
 
 
+def is_copy(rewrite: str | None, question: str) -> bool:
+    """Whether a rewrite repeats the question word for word, ignoring case, punctuation and spacing.
+
+    The share of copies shows a rewriter that has learnt to leave questions alone (a safe answer for the
+    retrieval reward on self-contained turns). No rewrite (None) is not a copy."""
+    return rewrite is not None and _words(rewrite) == _words(question)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
 # Where a small model starts echoing the prompt's layout (prompts.py): "### Context ...", "Query:", "Rewrite:", "Q2:".
 _PROMPT_ECHO = re.compile(r"###|\b(?:Query|Rewrite|[QA]\d+):")
 

@@ -38,6 +38,8 @@ def test_raw_and_human_rewrites(fixture_data_dir, tmp_path):
     # dev turn 2 of each conversation ("How many keys does it have?") is ambiguous without the rewrite
     assert human["mrr@3"] >= raw["mrr@3"]
     assert human["mrr@3"] == 1.0
+    # the raw question is always a copy; the human rewrites leave the first turn of each conversation as asked
+    assert raw["copy_rate"] == 1.0 and 0.0 < human["copy_rate"] < 1.0
     written = json.loads((tmp_path / "human" / "metrics.json").read_text())
     assert written["mrr@3"] == human["mrr@3"]
     rows = [json.loads(line) for line in (tmp_path / "human" / "rewrites.jsonl").read_text().splitlines()]

@@ -102,3 +102,13 @@ def test_format_check(text, ok, rewrite):
 def test_rewrite_only_format():
     assert parse_response("<rewrite> b </rewrite>", REWRITE_ONLY).format_ok
     assert not parse_response("<think> a </think>\n<rewrite> b </rewrite>", REWRITE_ONLY).format_ok
+
+
+def test_a_copy_is_the_question_word_for_word_whatever_the_case_and_punctuation():
+    from cqr_lightning.formatting import is_copy
+
+    assert is_copy("when did he die", "When did he die?")
+    assert is_copy("When  did he\ndie ?", "When did he die?")
+    assert not is_copy("When did Ayrton Senna die?", "When did he die?")
+    assert not is_copy("did he die", "When did he die?")
+    assert not is_copy(None, "When did he die?")

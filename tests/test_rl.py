@@ -183,6 +183,25 @@ def test_reward_callback_gives_spec_values_on_the_fixture_corpus(retriever, data
     assert batch.rewards[3] == pytest.approx(2 - (rank_4 - 1) / 9)
 
 
+def test_reward_statistics_count_rewrites_that_repeat_the_question(retriever, data_cfg):
+    from callbacks.retrieval_reward import reward_statistics
+    from cqr_lightning.readers import read_jsonl_turns
+
+    turn = next(t for t in read_jsonl_turns(f"{data_cfg.dir}/train.jsonl") if t.positives == ("tokyo-2",))
+    responses = [
+        f"<rewrite> {turn.question.lower()} </rewrite>",
+        "<rewrite> When did the Tokyo Tower open? </rewrite>",
+        "no tags",
+        f"<rewrite> {turn.question} </rewrite>",
+    ]
+    batch = RetrievalRewardCallback(None, None, response_format="rewrite_only", retriever=retriever).score(
+        [turn] * 4, responses
+    )
+    assert turn.question != "When did the Tokyo Tower open?"
+    assert batch.copies == [True, False, False, True]
+    assert reward_statistics(batch, group_size=4)["copy_rate"] == 0.5
+
+
 class FailingRetriever:
     def best_gold_ranks(self, queries, positives, k=100):
         raise ConnectionError("retrieval server unreachable")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cqr_lightning.evaluation import score_queries
-from cqr_lightning.formatting import parse_response
+from cqr_lightning.formatting import is_copy, parse_response
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics
 from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import THINK_REWRITE, render_prompt
@@ -92,15 +92,16 @@ class PolicyModule(L.LightningModule):
         parsed = [parse_response(s.text, self.response_format) for s in samples]
         queries = [p.rewrite or t.question for p, t in zip(parsed, turns, strict=True)]
         results = score_queries(turns, queries, self.scorer.retriever, k=self.scorer.depth)
-        for p, result in zip(parsed, results, strict=True):
+        for p, result, turn in zip(parsed, results, turns, strict=True):
             if result.metrics:
-                self._val_results.append({**result.metrics, "format_ok": float(p.format_ok)})
+                copy = is_copy(result.query, turn.question)
+                self._val_results.append({**result.metrics, "format_ok": float(p.format_ok), "copy_rate": float(copy)})
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_results:
             return
         summary = summarize_rows(self._val_results)
-        for name in (*METRIC_NAMES, "format_ok"):
+        for name in (*METRIC_NAMES, "format_ok", "copy_rate"):
             key = metric_key(f"val/{name}")  # val/mrr_at_3: '@' is not allowed in MLflow metric names
             self.log(key, summary[name], prog_bar=name == "mrr@3", batch_size=len(self._val_results))
 
@@ -128,7 +129,8 @@ class PolicyModule(L.LightningModule):
 
 
 def summarize_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Means of per-turn metric rows (with `format_ok`)."""
+    """Means of per-turn metric rows (with `format_ok` and `copy_rate`)."""
     summary = aggregate_metrics({str(i): row for i, row in enumerate(rows)})
-    summary["format_ok"] = sum(r["format_ok"] for r in rows) / len(rows)
+    for name in ("format_ok", "copy_rate"):
+        summary[name] = sum(r[name] for r in rows) / len(rows)
     return summary

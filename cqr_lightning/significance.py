@@ -1,0 +1,122 @@
+"""Is one rewriter's gain over another real? A paired randomization test on per-turn metrics.
+
+Two evaluations of the same turns (the `rewrites.jsonl` that `cqr_lightning.evaluate` and the pipeline's table
+write) are compared turn by turn. Under the null hypothesis the two rewriters are exchangeable on every turn, so
+the sign of each per-turn difference is a coin flip; the p-value is the share of sign assignments whose mean
+difference is at least as far from zero as the observed one (two-sided, with the observed assignment counted).
+
+    python -m cqr_lightning.significance runs/x/eval/raw_question/rewrites.jsonl \
+        runs/x/eval/after_grpo/rewrites.jsonl --metric mrr@3
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cqr_lightning.errors import DataError
+from cqr_lightning.metrics import METRIC_NAMES
+from cqr_lightning.readers import iter_jsonl_objects
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    mean_difference: float  # candidate minus baseline, in the metric's own scale
+    p_value: float
+    better: int  # turns where the candidate scores higher
+    worse: int
+    equal: int
+    samples: int
+
+    def describe(self, metric: str) -> str:
+        turns = self.better + self.worse + self.equal
+        return (
+            f"candidate - baseline: {100 * self.mean_difference:+.2f} {metric} points over {turns} turns "
+            f"(better on {self.better}, worse on {self.worse}, equal on {self.equal}); "
+            f"two-sided paired randomization test p = {self.p_value:.4f} ({self.samples:,} sign flips)"
+        )
+
+
+def paired_randomization_test(
+    baseline: Sequence[float], candidate: Sequence[float], *, samples: int = 10_000, seed: int = 0
+) -> PairedComparison:
+    """Two-sided sign-flip test of the mean per-turn difference `candidate - baseline`."""
+    if len(baseline) != len(candidate):
+        raise ValueError(f"paired scores differ in length: {len(baseline)} against {len(candidate)}")
+    if not baseline:
+        raise ValueError("no paired scores to compare")
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
+    differences = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    observed = differences.mean()
+    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(samples, differences.size))
+    flipped = np.abs(signs @ differences) / differences.size
+    at_least_as_far = int(np.count_nonzero(flipped >= abs(observed) - 1e-12))
+    return PairedComparison(
+        mean_difference=float(observed),
+        p_value=(at_least_as_far + 1) / (samples + 1),
+        better=int(np.count_nonzero(differences > 0)),
+        worse=int(np.count_nonzero(differences < 0)),
+        equal=int(np.count_nonzero(differences == 0)),
+        samples=samples,
+    )
+
+
+def per_turn_scores(path: str | Path, metric: str) -> dict[str, float]:
+    """`metric` of every turn with gold passages in an evaluation's rewrites.jsonl, by turn id."""
+    scores: dict[str, float] = {}
+    for line_no, row in iter_jsonl_objects(path):
+        if "id" not in row:
+            raise DataError(path, "no 'id' (expected the rewrites.jsonl of an evaluation)", line_no)
+        if row["id"] in scores:
+            raise DataError(path, f"turn '{row['id']}' appears twice", line_no)
+        if metric in row:
+            scores[row["id"]] = float(row[metric])
+    if not scores:
+        raise DataError(path, f"no turn carries '{metric}' (metrics: {', '.join(METRIC_NAMES)})")
+    return scores
+
+
+def compare_files(
+    baseline_path: str | Path,
+    candidate_path: str | Path,
+    metric: str = "mrr@3",
+    *,
+    samples: int = 10_000,
+    seed: int = 0,
+) -> PairedComparison:
+    """Pair two evaluations of the same turns and test the candidate's mean difference."""
+    baseline = per_turn_scores(baseline_path, metric)
+    candidate = per_turn_scores(candidate_path, metric)
+    if baseline.keys() != candidate.keys():
+        only = sorted(baseline.keys() - candidate.keys()) or sorted(candidate.keys() - baseline.keys())
+        raise DataError(
+            candidate_path,
+            f"does not score the same turns as {baseline_path} ({len(candidate)} against {len(baseline)} "
+            f"turns; e.g. '{only[0]}' is in one only)",
+        )
+    turns = sorted(baseline)
+    return paired_randomization_test(
+        [baseline[t] for t in turns], [candidate[t] for t in turns], samples=samples, seed=seed
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> PairedComparison:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", type=Path, help="rewrites.jsonl of the baseline (e.g. raw_question)")
+    parser.add_argument("candidate", type=Path, help="rewrites.jsonl of the rewriter under test")
+    parser.add_argument("--metric", default="mrr@3", choices=METRIC_NAMES)
+    parser.add_argument("--samples", type=int, default=10_000, help="random sign flips")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = compare_files(args.baseline, args.candidate, args.metric, samples=args.samples, seed=args.seed)
+    print(result.describe(args.metric))
+    return result
+
+
+if __name__ == "__main__":
+    main()

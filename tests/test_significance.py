@@ -1,0 +1,111 @@
+"""The paired randomization test that says whether one rewriter's gain over another is more than chance."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from cqr_lightning.errors import DataError
+from cqr_lightning.evaluation import format_table
+from cqr_lightning.significance import compare_files, main, paired_randomization_test
+
+
+def exact_p_value(baseline, candidate) -> float:
+    """Every sign assignment enumerated (feasible for a handful of turns)."""
+    differences = np.asarray(candidate, dtype=float) - np.asarray(baseline, dtype=float)
+    observed = abs(differences.mean())
+    means = [
+        abs(np.dot(signs, differences)) / len(differences)
+        for signs in itertools.product((-1, 1), repeat=len(differences))
+    ]
+    return sum(m >= observed - 1e-12 for m in means) / len(means)
+
+
+def test_identical_scores_give_no_difference_and_p_one():
+    scores = [1.0, 0.5, 0.0, 1 / 3, 1.0]
+    result = paired_randomization_test(scores, scores, samples=500)
+    assert result.mean_difference == 0.0 and result.p_value == 1.0
+    assert (result.better, result.worse, result.equal) == (0, 0, 5)
+
+
+def test_p_value_matches_the_exact_enumeration():
+    baseline = [0.0, 0.5, 1.0, 0.0, 1 / 3, 0.0, 1.0, 0.5]
+    candidate = [1.0, 0.5, 1.0, 0.5, 1.0, 0.0, 0.5, 1.0]
+    result = paired_randomization_test(baseline, candidate, samples=100_000, seed=3)
+    assert result.mean_difference == pytest.approx(np.mean(candidate) - np.mean(baseline))
+    assert (result.better, result.worse, result.equal) == (4, 1, 3)
+    assert result.p_value == pytest.approx(exact_p_value(baseline, candidate), abs=0.01)
+
+
+def test_a_consistent_gain_on_many_turns_is_significant_and_a_mixed_one_is_not():
+    baseline = [0.0] * 40
+    assert paired_randomization_test(baseline, [1.0] * 40, samples=2000).p_value < 0.001
+    mixed = [1.0, -1.0] * 20
+    assert paired_randomization_test(baseline, mixed, samples=2000).p_value > 0.5
+
+
+def write_rewrites(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_compare_files_pairs_turns_by_id_and_skips_turns_without_gold(tmp_path, capsys):
+    baseline = write_rewrites(
+        tmp_path / "raw.jsonl",
+        [{"id": "a", "mrr@3": 0.0}, {"id": "b", "mrr@3": 1.0}, {"id": "c", "best_rank": None}],
+    )
+    candidate = write_rewrites(
+        tmp_path / "model.jsonl",
+        [{"id": "b", "mrr@3": 1.0}, {"id": "c", "best_rank": None}, {"id": "a", "mrr@3": 0.5}],
+    )
+    result = compare_files(baseline, candidate, samples=100)
+    assert result.mean_difference == pytest.approx(0.25)
+    assert (result.better, result.worse, result.equal) == (1, 0, 1)
+    main([str(baseline), str(candidate), "--samples", "100"])
+    assert "+25.00 mrr@3 points over 2 turns (better on 1, worse on 0, equal on 1)" in capsys.readouterr().out
+
+
+def test_evaluations_of_different_turns_are_refused_naming_the_file(tmp_path):
+    baseline = write_rewrites(tmp_path / "raw.jsonl", [{"id": "a", "mrr@3": 0.0}, {"id": "b", "mrr@3": 1.0}])
+    candidate = write_rewrites(tmp_path / "other.jsonl", [{"id": "a", "mrr@3": 0.0}, {"id": "z", "mrr@3": 1.0}])
+    with pytest.raises(DataError, match=r"other\.jsonl.*same turns.*'b'"):
+        compare_files(baseline, candidate)
+
+
+def test_a_malformed_line_names_the_file_and_line(tmp_path):
+    baseline = write_rewrites(tmp_path / "raw.jsonl", [{"id": "a", "mrr@3": 0.0}])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a", "mrr@3": 1.0}\n{"id": "b", \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: malformed JSON"):
+        compare_files(baseline, broken)
+
+
+def test_the_table_shows_format_and_copy_shares_where_a_row_has_them():
+    rows = {
+        "raw question": {
+            "mrr@3": 0.5,
+            "mrr": 0.5,
+            "ndcg@3": 0.5,
+            "recall@10": 1.0,
+            "recall@100": 1.0,
+            "n": 2,
+            "copy_rate": 1.0,
+        },  # fmt: skip
+        "model": {
+            "mrr@3": 1.0,
+            "mrr": 1.0,
+            "ndcg@3": 1.0,
+            "recall@10": 1.0,
+            "recall@100": 1.0,
+            "n": 2,
+            "format_ok": 0.5,
+            "copy_rate": 0.0,
+        },  # fmt: skip
+    }
+    header, raw, model = format_table(rows).splitlines()
+    assert header.split()[-3:] == ["format_ok", "copy_rate", "n"]
+    assert raw.split()[-3:] == ["-", "100.0", "2"]
+    assert model.split()[-3:] == ["50.0", "0.0", "2"]
