@@ -321,7 +321,11 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     )
     remember_run(module, logger)
     datamodule = ConversationDataModule(
-        cfg.data, batch_size=r.batch_size, eval_batch_size=r.val_batch_size, val_limit=r.val_limit
+        cfg.data,
+        batch_size=r.batch_size,
+        eval_batch_size=r.val_batch_size,
+        val_limit=r.val_limit,
+        skip_train_ids=skipped_rl_turns(cfg, stage_dir),
     )
     scorer = RetrievalRewardCallback(
         cfg.retriever,
@@ -343,6 +347,31 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     save_adapter(policy, final_adapter(stage_dir), adapter_name="default")
     log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
     return final_adapter(stage_dir)
+
+
+def skipped_rl_turns(cfg: DictConfig, stage_dir: Path) -> frozenset[str]:
+    """The training turns `rl.skip_turns_solved_at_rank` leaves out (none when it is 0), written to
+    `skipped_turns.json`. Retrieval is deterministic, so a resumed run leaves out the same turns."""
+    from cqr_lightning.readers import turn_reader
+    from cqr_lightning.retrieval.factory import open_retriever
+    from cqr_lightning.turn_filter import turns_solved_by_question
+
+    max_rank = int(cfg.rl.get("skip_turns_solved_at_rank") or 0)
+    if max_rank <= 0:
+        return frozenset()
+    turns = turn_reader(cfg.data, cfg.data.train_split)()
+    with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
+        solved, seen = turns_solved_by_question(turns, retriever, max_rank, k=int(cfg.retriever.get("k", 100)))
+    if len(solved) == seen:
+        raise ConfigError(
+            f"rl.skip_turns_solved_at_rank={max_rank} leaves no training turn: the question as asked already ranks a "
+            f"gold passage at {max_rank} or better on all {seen} turns of '{cfg.data.train_split}' (set it to 0)"
+        )
+    log.info(
+        "RL leaves out %d of %d training turns that the question alone solves (rank <= %d)", len(solved), seen, max_rank
+    )
+    write_json(stage_dir / "skipped_turns.json", {"max_rank": max_rank, "turns": seen, "skipped": sorted(solved)})
+    return frozenset(solved)
 
 
 # --- evaluation after training ----------------------------------------------------------------------

@@ -113,6 +113,7 @@ class ConversationDataModule(L.LightningDataModule):
         train_limit: int | None = None,
         val_limit: int | None = None,
         check_positives: bool = True,
+        skip_train_ids: frozenset[str] = frozenset(),
     ):
         super().__init__()
         self.data_cfg = data_cfg
@@ -121,6 +122,7 @@ class ConversationDataModule(L.LightningDataModule):
         self.train_limit = train_limit
         self.val_limit = val_limit
         self.check_positives = check_positives
+        self.skip_train_ids = frozenset(skip_train_ids)  # turns left out of training (not of validation)
         self.train_position = StreamPosition(0, 0)
         self._known_ids: set[str] | None = None
         self._train_stream: TurnStream | None = None
@@ -137,8 +139,11 @@ class ConversationDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=batch_size, collate_fn=collate_turns, num_workers=0)
 
     def train_items(self) -> Callable[[], Iterator]:
-        """Factory of the training items (turns here; subclasses stream other records)."""
-        return turn_reader(self.data_cfg, self.data_cfg.train_split, self.known_ids())
+        """Factory of the training items (turns here, less `skip_train_ids`; subclasses stream other records)."""
+        turns = turn_reader(self.data_cfg, self.data_cfg.train_split, self.known_ids())
+        if not self.skip_train_ids:
+            return turns
+        return lambda: (turn for turn in turns() if turn.id not in self.skip_train_ids)
 
     def train_dataloader(self) -> DataLoader:
         self._train_stream = TurnStream(

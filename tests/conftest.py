@@ -83,6 +83,22 @@ def fixture_data_dir(tmp_path_factory) -> Path:
     return write_fixture_data(tmp_path_factory.mktemp("fixture-data"))
 
 
+@pytest.fixture
+def data_with_vague_turns(fixture_data_dir, tmp_path) -> Path:
+    """The fixture data plus two training turns whose question alone cannot find their gold passage."""
+    folder = tmp_path / "vague-data"
+    folder.mkdir()
+    for name in ("corpus.jsonl", "dev.jsonl"):
+        (folder / name).write_text((fixture_data_dir / name).read_text())
+    vague = [
+        {"id": "vague_1", "history": [], "question": "And what about that one?", "positives": ["tokyo-2"]},
+        {"id": "vague_2", "history": [], "question": "Why so?", "positives": ["bee-2"]},
+    ]
+    extra = "".join(json.dumps({**turn, "rewrite": None}) + "\n" for turn in vague)
+    (folder / "train.jsonl").write_text((fixture_data_dir / "train.jsonl").read_text() + extra)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_cfg(fixture_data_dir):
     return OmegaConf.create(

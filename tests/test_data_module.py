@@ -103,3 +103,12 @@ def test_val_and_predict_keep_file_order_and_limits(tmp_path):
     module = ConversationDataModule(cfg, eval_batch_size=2, val_limit=3, train_limit=6)
     assert ids(module.val_dataloader()) == ["t0", "t1", "t2"]
     assert ids(module.predict_dataloader()) == [f"t{i}" for i in range(6)]
+
+
+def test_skipped_turns_leave_training_but_not_validation(tmp_path):
+    cfg = write_split(tmp_path)
+    skip = frozenset({"t0", "t3", "t22"})
+    module = ConversationDataModule(cfg, batch_size=4, skip_train_ids=skip)
+    trained = ids(module.train_dataloader())
+    assert sorted(trained) == sorted(f"t{i}" for i in range(23) if f"t{i}" not in skip)
+    assert ids(module.val_dataloader()) == [f"t{i}" for i in range(5)]

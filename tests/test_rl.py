@@ -241,3 +241,18 @@ def test_fast_sampling_path_trains_and_resyncs_after_each_step(
     assert trainer.global_step == 2
     assert module._sampler is not None and module._sampler_step == 1, "synced before the second rollout"
     assert "time/generation" in trainer.callback_metrics
+
+
+def test_turns_solved_by_question_are_those_whose_question_ranks_gold_high_enough(retriever, data_with_vague_turns):
+    from cqr_lightning.readers import read_jsonl_turns
+    from cqr_lightning.turn_filter import turns_solved_by_question
+
+    turns = list(read_jsonl_turns(data_with_vague_turns / "train.jsonl"))
+    ranks = retriever.best_gold_ranks([t.question for t in turns], [t.positives for t in turns], k=100)
+    first = {t.id for t, rank in zip(turns, ranks, strict=True) if rank == 1}
+    top_three = {t.id for t, rank in zip(turns, ranks, strict=True) if rank is not None and rank <= 3}
+    assert first and len(first) < len(turns), "the fixture must have turns on both sides"
+    assert turns_solved_by_question(iter(turns), retriever, 1, batch_size=3) == (first, len(turns))
+    assert turns_solved_by_question(iter(turns), retriever, 3, batch_size=5)[0] == top_three
+    with pytest.raises(ValueError, match="max_rank"):
+        turns_solved_by_question(turns, retriever, 0)

@@ -225,3 +225,48 @@ def test_every_config_composes_and_validates(overrides):
     assert cfg.stage in train.STAGES and cfg.rl.group_size >= 2
     if overrides == ["experiment=paper"]:
         assert (cfg.response_format, cfg.rl.max_new_tokens, cfg.retriever.name) == ("think_rewrite", 1024, "bm25")
+
+
+def test_rl_turn_filter_writes_the_turns_it_leaves_out_and_refuses_to_leave_none(
+    fixture_data_dir, data_with_vague_turns, tmp_path
+):
+    from cqr_lightning.errors import ConfigError
+    from cqr_lightning.readers import read_jsonl_turns
+    from cqr_lightning.retrieval.factory import open_retriever
+    from cqr_lightning.stages import skipped_rl_turns
+
+    cfg = compose_train([*tiny_overrides(data_with_vague_turns, tmp_path / "run", tmp_path / "m.db")])
+    turns = list(read_jsonl_turns(data_with_vague_turns / "train.jsonl"))
+    with open_retriever(cfg.retriever, cfg.data.corpus, show_progress=False) as retriever:
+        ranks = retriever.best_gold_ranks([t.question for t in turns], [t.positives for t in turns], k=100)
+    expected = sorted(t.id for t, rank in zip(turns, ranks, strict=True) if rank == 1)
+    assert 0 < len(expected) < len(turns)
+
+    assert skipped_rl_turns(cfg, tmp_path / "off") == frozenset()  # the default, 0, leaves every turn in
+    cfg.rl.skip_turns_solved_at_rank = 1
+    assert skipped_rl_turns(cfg, tmp_path) == frozenset(expected)
+    written = json.loads((tmp_path / "skipped_turns.json").read_text())
+    assert written == {"max_rank": 1, "turns": len(turns), "skipped": expected}
+
+    # on the plain fixture every question already finds its gold passage first: nothing would be left to train on
+    plain = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run2", tmp_path / "m.db")])
+    plain.rl.skip_turns_solved_at_rank = 1
+    with pytest.raises(ConfigError, match="leaves no training turn.*set it to 0"):
+        skipped_rl_turns(plain, tmp_path / "all")
+
+
+@pytest.mark.slow
+def test_rl_with_the_turn_filter_trains_only_on_turns_the_question_does_not_solve(data_with_vague_turns, tmp_path):
+    tracking = tmp_path / "mlruns" / "mlflow.db"
+    overrides = [*tiny_overrides(data_with_vague_turns, tmp_path / "run", tracking), "stage=rl"]
+    cfg = compose_train([*overrides, "rl.max_steps=2", "rl.skip_turns_solved_at_rank=1", "rl.val_every_n_steps=1000"])
+    train.run(cfg)
+    skipped = set(json.loads((tmp_path / "run" / "rl" / "skipped_turns.json").read_text())["skipped"])
+    client, runs = mlflow_runs(tracking)
+    (rl_run,) = [run for run in runs if run.data.tags.get("stage") == "rl"]
+    trained = set()
+    for step in (1, 2):
+        path = client.download_artifacts(rl_run.info.run_id, f"rollouts/step_{step:06d}.json", str(tmp_path))
+        table = json.loads(Path(path).read_text())
+        trained |= {row[table["columns"].index("turn_id")] for row in table["data"]}
+    assert trained == {"vague_1", "vague_2"} and not trained & skipped
