@@ -22,6 +22,8 @@ from cqr_lightning.errors import DataError
 from cqr_lightning.metrics import METRIC_NAMES
 from cqr_lightning.readers import iter_jsonl_objects
 
+_SIGN_BLOCK = 1000  # sign assignments drawn at a time
+
 
 @dataclass(frozen=True)
 class PairedComparison:
@@ -53,9 +55,12 @@ def paired_randomization_test(
         raise ValueError("samples must be at least 1")
     differences = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
     observed = differences.mean()
-    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(samples, differences.size))
-    flipped = np.abs(signs @ differences) / differences.size
-    at_least_as_far = int(np.count_nonzero(flipped >= abs(observed) - 1e-12))
+    rng = np.random.default_rng(seed)
+    at_least_as_far = 0
+    for start in range(0, samples, _SIGN_BLOCK):  # blocks keep memory flat for large evaluations
+        signs = rng.choice((-1.0, 1.0), size=(min(_SIGN_BLOCK, samples - start), differences.size))
+        flipped = np.abs(signs @ differences) / differences.size
+        at_least_as_far += int(np.count_nonzero(flipped >= abs(observed) - 1e-12))
     return PairedComparison(
         mean_difference=float(observed),
         p_value=(at_least_as_far + 1) / (samples + 1),
