@@ -56,6 +56,22 @@ def reward_statistics(batch: RewardBatch, group_size: int) -> dict[str, float]:
     return stats
 
 
+def open_reward_retriever(retriever_cfg, corpus_path: str | None, max_query_words: int | None = None) -> Retriever:
+    """Open the retriever that scores rewrites, queries cut to `max_query_words`; a failure names what to check."""
+    from cqr_lightning.retrieval.factory import open_retriever
+
+    cfg = OmegaConf.to_container(OmegaConf.create(retriever_cfg), resolve=True)
+    if max_query_words:
+        cfg["max_query_words"] = max_query_words
+    try:
+        return open_retriever(cfg, corpus_path)
+    except Exception as err:
+        raise RetrievalError(
+            f"could not open retriever '{cfg.get('name')}' over {corpus_path}: {err} "
+            "(check retriever=... and data.corpus)"
+        ) from err
+
+
 class RetrievalRewardCallback(L.Callback):
     def __init__(
         self,
@@ -81,18 +97,7 @@ class RetrievalRewardCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.retriever is None:
-            from cqr_lightning.retrieval.factory import open_retriever
-
-            cfg = OmegaConf.to_container(OmegaConf.create(self.retriever_cfg), resolve=True)
-            if self.max_query_words:
-                cfg["max_query_words"] = self.max_query_words
-            try:
-                self.retriever = open_retriever(cfg, self.corpus_path)
-            except Exception as err:
-                raise RetrievalError(
-                    f"could not open retriever '{self.retriever_cfg.get('name')}' over {self.corpus_path}: {err} "
-                    "(check retriever=... and data.corpus)"
-                ) from err
+            self.retriever = open_reward_retriever(self.retriever_cfg, self.corpus_path, self.max_query_words)
         pl_module.scorer = self
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -117,11 +117,9 @@ def load_model(cfg: DictConfig, adapter: str | None):
 
 def open_stage_retriever(cfg: DictConfig):
     """The retriever used for training rewards: queries cut to `train_max_query_words` (SPEC: 1,024)."""
-    from cqr_lightning.retrieval.factory import open_retriever
+    from callbacks.retrieval_reward import open_reward_retriever
 
-    return open_retriever(
-        OmegaConf.merge(cfg.retriever, {"max_query_words": cfg.train_max_query_words}), cfg.data.corpus
-    )
+    return open_reward_retriever(cfg.retriever, cfg.data.corpus, cfg.train_max_query_words)
 
 
 def log_artifacts(logger, *paths: Path) -> None:
@@ -320,48 +318,47 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         **policy_settings(cfg, r),
     )
     remember_run(module, logger)
-    datamodule = ConversationDataModule(
-        cfg.data,
-        batch_size=r.batch_size,
-        eval_batch_size=r.val_batch_size,
-        val_limit=r.val_limit,
-        skip_train_ids=skipped_rl_turns(cfg, stage_dir),
-    )
-    scorer = RetrievalRewardCallback(
-        cfg.retriever,
-        cfg.data.corpus,
-        reward=r.reward,
-        response_format=cfg.response_format,
-        max_query_words=cfg.train_max_query_words,
-        table_every_n_steps=r.table_every_n_steps,
-    )
-    trainer = make_trainer(
-        cfg,
-        r,
-        stage_dir,
-        logger,
-        [scorer, TrainingCurvesCallback(str(stage_dir)), BestAdapterCallback(str(stage_dir))],
-        max_steps=r.max_steps,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    with open_stage_retriever(cfg) as retriever:  # one retriever for the turn filter, rewards and validation
+        datamodule = ConversationDataModule(
+            cfg.data,
+            batch_size=r.batch_size,
+            eval_batch_size=r.val_batch_size,
+            val_limit=r.val_limit,
+            skip_train_ids=skipped_rl_turns(cfg, stage_dir, retriever),
+        )
+        scorer = RetrievalRewardCallback(
+            cfg.retriever,
+            cfg.data.corpus,
+            reward=r.reward,
+            response_format=cfg.response_format,
+            table_every_n_steps=r.table_every_n_steps,
+            retriever=retriever,
+        )
+        trainer = make_trainer(
+            cfg,
+            r,
+            stage_dir,
+            logger,
+            [scorer, TrainingCurvesCallback(str(stage_dir)), BestAdapterCallback(str(stage_dir))],
+            max_steps=r.max_steps,
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     save_adapter(policy, final_adapter(stage_dir), adapter_name="default")
     log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
     return final_adapter(stage_dir)
 
 
-def skipped_rl_turns(cfg: DictConfig, stage_dir: Path) -> frozenset[str]:
+def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever) -> frozenset[str]:
     """The training turns `rl.skip_turns_solved_at_rank` leaves out (none when it is 0), written to
     `skipped_turns.json`. Retrieval is deterministic, so a resumed run leaves out the same turns."""
     from cqr_lightning.readers import turn_reader
-    from cqr_lightning.retrieval.factory import open_retriever
     from cqr_lightning.turn_filter import turns_solved_by_question
 
     max_rank = int(cfg.rl.get("skip_turns_solved_at_rank") or 0)
     if max_rank <= 0:
         return frozenset()
     turns = turn_reader(cfg.data, cfg.data.train_split)()
-    with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
-        solved, seen = turns_solved_by_question(turns, retriever, max_rank, k=int(cfg.retriever.get("k", 100)))
+    solved, seen = turns_solved_by_question(turns, retriever, max_rank, k=int(cfg.retriever.get("k", 100)))
     if len(solved) == seen:
         raise ConfigError(
             f"rl.skip_turns_solved_at_rank={max_rank} leaves no training turn: the question as asked already ranks a "

@@ -232,27 +232,29 @@ def test_rl_turn_filter_writes_the_turns_it_leaves_out_and_refuses_to_leave_none
 ):
     from cqr_lightning.errors import ConfigError
     from cqr_lightning.readers import read_jsonl_turns
-    from cqr_lightning.retrieval.factory import open_retriever
-    from cqr_lightning.stages import skipped_rl_turns
+    from cqr_lightning.stages import open_stage_retriever, skipped_rl_turns
 
     cfg = compose_train([*tiny_overrides(data_with_vague_turns, tmp_path / "run", tmp_path / "m.db")])
     turns = list(read_jsonl_turns(data_with_vague_turns / "train.jsonl"))
-    with open_retriever(cfg.retriever, cfg.data.corpus, show_progress=False) as retriever:
+    with open_stage_retriever(cfg) as retriever:
         ranks = retriever.best_gold_ranks([t.question for t in turns], [t.positives for t in turns], k=100)
-    expected = sorted(t.id for t, rank in zip(turns, ranks, strict=True) if rank == 1)
-    assert 0 < len(expected) < len(turns)
+        expected = sorted(t.id for t, rank in zip(turns, ranks, strict=True) if rank == 1)
+        assert 0 < len(expected) < len(turns)
 
-    assert skipped_rl_turns(cfg, tmp_path / "off") == frozenset()  # the default, 0, leaves every turn in
-    cfg.rl.skip_turns_solved_at_rank = 1
-    assert skipped_rl_turns(cfg, tmp_path) == frozenset(expected)
+        assert skipped_rl_turns(cfg, tmp_path / "off", retriever) == frozenset()  # the default, 0, leaves all in
+        cfg.rl.skip_turns_solved_at_rank = 1
+        assert skipped_rl_turns(cfg, tmp_path, retriever) == frozenset(expected)
     written = json.loads((tmp_path / "skipped_turns.json").read_text())
     assert written == {"max_rank": 1, "turns": len(turns), "skipped": expected}
 
     # on the plain fixture every question already finds its gold passage first: nothing would be left to train on
     plain = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run2", tmp_path / "m.db")])
     plain.rl.skip_turns_solved_at_rank = 1
-    with pytest.raises(ConfigError, match="leaves no training turn.*set it to 0"):
-        skipped_rl_turns(plain, tmp_path / "all")
+    with (
+        open_stage_retriever(plain) as retriever,
+        pytest.raises(ConfigError, match="leaves no training turn.*set it to 0"),
+    ):
+        skipped_rl_turns(plain, tmp_path / "all", retriever)
 
 
 @pytest.mark.slow
