@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on the GPU machine: `train.py experiment=pack_smollm2` for several seeds side by side on one GPU.
+# Issue 6 on the GPU machine: `train.py experiment=pack_smollm2` for several seeds side by side on its GPUs.
 #
 #   bash bench/pack_experiment_device.sh SECONDS [SEED ...]      (default seeds: 0 1)
 #
@@ -31,10 +31,15 @@ for seed in "${seeds[@]}"; do
   if [ -d ".gpu_runs/seed$seed" ] && [ ! -d "$runs/seed$seed" ]; then cp -r ".gpu_runs/seed$seed" "$runs/"; fi
 done
 
+# Seeds share the machine's GPUs in turn (seed i on GPU i mod the GPU count) and its CPU cores evenly.
+gpus=$(nvidia-smi -L | wc -l)
+threads=$(($(nproc) / ${#seeds[@]}))
 started=$(date +%s)
-for seed in "${seeds[@]}"; do
+for i in "${!seeds[@]}"; do
+  seed=${seeds[$i]}
   # shellcheck disable=SC2086  # EXTRA holds further key=value overrides, split on spaces
-  timeout --signal=KILL "$seconds" python3 train.py experiment=pack_smollm2 "seed=$seed" \
+  CUDA_VISIBLE_DEVICES=$((i % gpus)) OMP_NUM_THREADS=$((threads > 0 ? threads : 1)) \
+    timeout --signal=KILL "$seconds" python3 train.py experiment=pack_smollm2 "seed=$seed" \
     "run_dir=$runs/seed$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu ${EXTRA:-} \
     >>"$runs/seed$seed.log" 2>&1 &
 done
@@ -47,8 +52,9 @@ done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.bin' -C "$runs" .
 # The newest adapter of each seed comes back too (in 15 MB parts: $OUT takes 8 files of at most 16 MiB), so a
-# released machine loses no trained weights: `cat seedN-adapter.tar.part-* | tar x` rebuilds the folder.
-for seed in "${seeds[@]}"; do
+# released machine loses no trained weights: `cat seedN-adapter.tar.part-* | tar x` rebuilds the folder. A 135M
+# adapter takes two parts, so with more than three seeds name the ones to bring in ADAPTERS (default: all).
+for seed in ${ADAPTERS:-${seeds[@]}}; do
   for stage in rl/adapter rl/best_adapter warmup/adapter; do
     if [ -f "$runs/seed$seed/$stage/adapter_model.safetensors" ]; then
       tar cf - -C "$runs/seed$seed" "$stage" | split -b 15000000 - "$OUT/seed$seed-adapter.tar.part-"

@@ -7,6 +7,9 @@ difference is at least as far from zero as the observed one (two-sided, with the
 
     python -m cqr_lightning.significance runs/x/eval/raw_question/rewrites.jsonl \
         runs/x/eval/after_grpo/rewrites.jsonl --metric mrr@3
+
+Several candidate files (runs of the same recipe with different seeds) are averaged turn by turn first, so the
+test asks whether the recipe, not one lucky run, beats the baseline.
 """
 
 from __future__ import annotations
@@ -86,34 +89,45 @@ def per_turn_scores(path: str | Path, metric: str) -> dict[str, float]:
     return scores
 
 
+def _same_turns(reference: dict[str, float], reference_path, other: dict[str, float], other_path) -> None:
+    if reference.keys() != other.keys():
+        only = sorted(reference.keys() - other.keys()) or sorted(other.keys() - reference.keys())
+        raise DataError(
+            other_path,
+            f"does not score the same turns as {reference_path} ({len(other)} against {len(reference)} "
+            f"turns; e.g. '{only[0]}' is in one only)",
+        )
+
+
 def compare_files(
     baseline_path: str | Path,
-    candidate_path: str | Path,
+    candidate_paths: str | Path | Sequence[str | Path],
     metric: str = "mrr@3",
     *,
     samples: int = 10_000,
     seed: int = 0,
 ) -> PairedComparison:
-    """Pair two evaluations of the same turns and test the candidate's mean difference."""
+    """Pair evaluations of the same turns and test the candidate's mean difference. Several candidate files
+    (one recipe's seeds) are averaged turn by turn first."""
+    if isinstance(candidate_paths, (str, Path)):
+        candidate_paths = [candidate_paths]
+    if not candidate_paths:
+        raise ValueError("no candidate evaluation to compare")
     baseline = per_turn_scores(baseline_path, metric)
-    candidate = per_turn_scores(candidate_path, metric)
-    if baseline.keys() != candidate.keys():
-        only = sorted(baseline.keys() - candidate.keys()) or sorted(candidate.keys() - baseline.keys())
-        raise DataError(
-            candidate_path,
-            f"does not score the same turns as {baseline_path} ({len(candidate)} against {len(baseline)} "
-            f"turns; e.g. '{only[0]}' is in one only)",
-        )
+    candidates = [per_turn_scores(path, metric) for path in candidate_paths]
+    for path, candidate in zip(candidate_paths, candidates, strict=True):
+        _same_turns(baseline, baseline_path, candidate, path)
     turns = sorted(baseline)
-    return paired_randomization_test(
-        [baseline[t] for t in turns], [candidate[t] for t in turns], samples=samples, seed=seed
-    )
+    candidate_means = [float(np.mean([candidate[t] for candidate in candidates])) for t in turns]
+    return paired_randomization_test([baseline[t] for t in turns], candidate_means, samples=samples, seed=seed)
 
 
 def main(argv: Sequence[str] | None = None) -> PairedComparison:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", type=Path, help="rewrites.jsonl of the baseline (e.g. raw_question)")
-    parser.add_argument("candidate", type=Path, help="rewrites.jsonl of the rewriter under test")
+    parser.add_argument(
+        "candidate", type=Path, nargs="+", help="rewrites.jsonl of the rewriter under test; several: averaged per turn"
+    )
     parser.add_argument("--metric", default="mrr@3", choices=METRIC_NAMES)
     parser.add_argument("--samples", type=int, default=10_000, help="random sign flips")
     parser.add_argument("--seed", type=int, default=0)

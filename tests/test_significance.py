@@ -75,6 +75,21 @@ def test_evaluations_of_different_turns_are_refused_naming_the_file(tmp_path):
         compare_files(baseline, candidate)
 
 
+def test_several_candidate_runs_are_averaged_per_turn_and_each_must_cover_the_same_turns(tmp_path, capsys):
+    baseline = write_rewrites(tmp_path / "raw.jsonl", [{"id": "a", "mrr@3": 0.0}, {"id": "b", "mrr@3": 0.5}])
+    seed0 = write_rewrites(tmp_path / "seed0.jsonl", [{"id": "a", "mrr@3": 1.0}, {"id": "b", "mrr@3": 0.0}])
+    seed1 = write_rewrites(tmp_path / "seed1.jsonl", [{"id": "b", "mrr@3": 1.0}, {"id": "a", "mrr@3": 0.5}])
+    result = compare_files(baseline, [seed0, seed1], samples=100)
+    # per turn: a (1.0 + 0.5) / 2 - 0.0 = 0.75, b (0.0 + 1.0) / 2 - 0.5 = 0.0
+    assert result.mean_difference == pytest.approx(0.375)
+    assert (result.better, result.worse, result.equal) == (1, 0, 1)
+    main([str(baseline), str(seed0), str(seed1), "--samples", "100"])
+    assert "+37.50 mrr@3 points over 2 turns" in capsys.readouterr().out
+    partial = write_rewrites(tmp_path / "seed2.jsonl", [{"id": "a", "mrr@3": 1.0}])
+    with pytest.raises(DataError, match=r"seed2\.jsonl.*same turns.*'b'"):
+        compare_files(baseline, [seed0, partial])
+
+
 def test_a_malformed_line_names_the_file_and_line(tmp_path):
     baseline = write_rewrites(tmp_path / "raw.jsonl", [{"id": "a", "mrr@3": 0.0}])
     broken = tmp_path / "broken.jsonl"
