@@ -89,7 +89,9 @@ def per_turn_scores(path: str | Path, metric: str) -> dict[str, float]:
     return scores
 
 
-def _same_turns(reference: dict[str, float], reference_path, other: dict[str, float], other_path) -> None:
+def _require_same_turns(
+    reference: dict[str, float], reference_path: str | Path, other: dict[str, float], other_path: str | Path
+) -> None:
     if reference.keys() != other.keys():
         only = sorted(reference.keys() - other.keys()) or sorted(other.keys() - reference.keys())
         raise DataError(
@@ -116,7 +118,7 @@ def compare_files(
     baseline = per_turn_scores(baseline_path, metric)
     candidates = [per_turn_scores(path, metric) for path in candidate_paths]
     for path, candidate in zip(candidate_paths, candidates, strict=True):
-        _same_turns(baseline, baseline_path, candidate, path)
+        _require_same_turns(baseline, baseline_path, candidate, path)
     turns = sorted(baseline)
     candidate_means = [float(np.mean([candidate[t] for candidate in candidates])) for t in turns]
     return paired_randomization_test([baseline[t] for t in turns], candidate_means, samples=samples, seed=seed)
