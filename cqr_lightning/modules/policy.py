@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from cqr_lightning.evaluation import score_queries
+from cqr_lightning.evaluation import SHARE_NAMES, score_queries
 from cqr_lightning.formatting import is_copy, parse_response
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics
 from cqr_lightning.models.generation import generate
@@ -101,7 +101,7 @@ class PolicyModule(L.LightningModule):
         if not self._val_results:
             return
         summary = summarize_rows(self._val_results)
-        for name in (*METRIC_NAMES, "format_ok", "copy_rate"):
+        for name in (*METRIC_NAMES, *SHARE_NAMES):
             key = metric_key(f"val/{name}")  # val/mrr_at_3: '@' is not allowed in MLflow metric names
             self.log(key, summary[name], prog_bar=name == "mrr@3", batch_size=len(self._val_results))
 
@@ -131,6 +131,6 @@ class PolicyModule(L.LightningModule):
 def summarize_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Means of per-turn metric rows (with `format_ok` and `copy_rate`)."""
     summary = aggregate_metrics({str(i): row for i, row in enumerate(rows)})
-    for name in ("format_ok", "copy_rate"):
+    for name in SHARE_NAMES:
         summary[name] = sum(r[name] for r in rows) / len(rows)
     return summary
