@@ -132,9 +132,9 @@ def main() -> None:
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     args = parser.parse_args()
 
-    from callbacks.retrieval_reward import RetrievalRewardCallback
     from cqr_lightning.models.loading import load_policy, load_tokenizer
     from cqr_lightning.modules.rl import RLModule
+    from cqr_lightning.scoring import RetrievalScorer, open_reward_retriever
     from data_modules.conversations import ConversationDataModule
 
     model_dir = build_model_dir(args.data, args.model_dir)
@@ -145,6 +145,8 @@ def main() -> None:
     free, total = torch.cuda.mem_get_info()
     used, by_torch = (total - free) / 2**30, torch.cuda.memory_allocated() / 2**30
     print(f"policy loaded: device used {used:.1f} GiB, torch {by_torch:.1f}")
+    retriever_cfg = OmegaConf.create({"name": "bm25s", "k": 100, "max_query_words": 1024, "index_dir": None})
+    retriever = open_reward_retriever(retriever_cfg, str(args.data / "corpus.jsonl"))
     module = RLModule(
         policy,
         tokenizer,
@@ -156,19 +158,19 @@ def main() -> None:
         lr=1e-5,
         fast_sampling=args.fast,
         static_decoding=args.static,
+        scorer=RetrievalScorer(retriever),
     )
     data_dir = long_context_split(args.data) if args.long_context else args.data
     data_cfg = OmegaConf.create(
         {"format": "jsonl", "dir": str(data_dir), "corpus": str(args.data / "corpus.jsonl"),
          "train_split": "dev", "eval_split": "dev", "shuffle_buffer": 0, "seed": 0}
     )  # fmt: skip
-    retriever_cfg = OmegaConf.create({"name": "bm25s", "k": 100, "max_query_words": 1024, "index_dir": None})
     timings = Timings()
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(
         accelerator="gpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[RetrievalRewardCallback(retriever_cfg, data_cfg.corpus), timings],
+        callbacks=[timings],
     )  # fmt: skip
     trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=args.prompts))
     timed = timings.steps[1:] or timings.steps

@@ -19,6 +19,7 @@ from cqr_lightning.formatting import ParsedResponse, lenient_rewrite, parse_resp
 from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, format_response, render_prompt
 from cqr_lightning.records import Turn
+from cqr_lightning.scoring import rank_bucket
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,6 @@ def best_sample(ranks: Sequence[int | None], format_ok: Sequence[bool], keep_ran
     pairs = enumerate(zip(ranks, format_ok, strict=True))
     candidates = [(rank, i) for i, (rank, ok) in pairs if ok and rank is not None and rank <= keep_rank]
     return min(candidates)[1] if candidates else None
-
-
-def rank_bucket(rank: int | None) -> str:
-    if rank is None:
-        return "miss"
-    for label, high in (("1", 1), ("2-3", 3), ("4-10", 10), ("11-100", 100)):
-        if rank <= high:
-            return label
-    return "miss"
 
 
 def distill(

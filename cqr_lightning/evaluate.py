@@ -18,12 +18,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, register_resolvers
-from cqr_lightning.evaluation import TurnResult, format_table, score_queries, summarize
-from cqr_lightning.formatting import is_copy
+from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.readers import turn_reader
 from cqr_lightning.records import Turn
 from cqr_lightning.rewriters import FileRewriter, HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
+from cqr_lightning.search import SearchPlan
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,22 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     rewriter = build_rewriter(cfg)
     rewrites = rewrite_all(rewriter, turns, int(cfg.rewriter.get("batch_size", 256)))
+    plan = SearchPlan.from_config(cfg.get("search"))
     queries = [r.query for r in rewrites]  # the retriever cuts them to retriever.max_query_words
     with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
-        results = score_queries(turns, queries, retriever, k=int(cfg.retriever.get("k", 100)))
+        results = score_turns(turns, queries, retriever, plan, k=int(cfg.retriever.get("k", 100)))
     for result, rewrite in zip(results, rewrites, strict=True):
         result.response, result.format_ok = rewrite.response, rewrite.format_ok
     metrics = summarize(results)
     if rewrites and rewrites[0].format_ok is not None:
         metrics["format_ok"] = sum(bool(r.format_ok) for r in rewrites) / len(rewrites)
-    # the share of turns searched with the question as asked (a rewriter's missing rewrite falls back to it)
-    metrics["copy_rate"] = sum(is_copy(q, t.question) for q, t in zip(queries, turns, strict=True)) / len(turns)
+    # the share of turns searched with the question as asked (first turns, copies, missing rewrites)
+    metrics["copy_rate"] = sum(r.as_asked for r in results) / len(results)
+    metrics["query_mode"] = plan.query_mode
     metrics["seconds"] = time.perf_counter() - started
     write_json(output_dir / "metrics.json", metrics)
     write_jsonl(output_dir / "rewrites.jsonl", (r.to_json() for r in results))
-    label = f"{cfg.rewriter.name} / {cfg.retriever.name} / {cfg.data.eval_split}"
+    label = f"{cfg.rewriter.name} / {cfg.retriever.name} / {plan.query_mode} / {cfg.data.eval_split}"
     print(format_table({label: metrics}))
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'rewrites.jsonl'}")
     if cfg.logger.enabled:
@@ -117,7 +119,8 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
     run_name = cfg.logger.get("run_name") or f"evaluate-{cfg.rewriter.name}-{cfg.retriever.name}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         mlflow.log_params(flatten_params(cfg))
-        mlflow.log_metrics({metric_key(f"eval/{k}"): float(v) for k, v in metrics.items()})
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        mlflow.log_metrics({metric_key(f"eval/{k}"): v for k, v in numeric.items()})
         mlflow.log_artifact(str(output_dir / "metrics.json"))
         mlflow.log_artifact(str(output_dir / "rewrites.jsonl"))
         log.info("MLflow run %s in %s", run.info.run_id, cfg.logger.tracking_uri)

@@ -1,4 +1,4 @@
-"""Score queries (one per turn) against a retriever: per-turn ranks and metrics, and their means."""
+"""Score rewrites (one per turn), searched as a `SearchPlan` says: per-turn ranks and metrics, and their means."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_metrics
 from cqr_lightning.records import Turn
-from cqr_lightning.retrieval.base import Retriever, best_gold_rank
+from cqr_lightning.retrieval.base import Retriever, SearchHit, best_gold_rank
+from cqr_lightning.search import SearchPlan
 
 SHARE_NAMES = ("format_ok", "copy_rate")  # shares of turns that some results carry besides the metrics
 
@@ -15,10 +16,12 @@ SHARE_NAMES = ("format_ok", "copy_rate")  # shares of turns that some results ca
 @dataclass
 class TurnResult:
     turn_id: str
-    query: str
+    query: str  # what was searched (fused queries joined by ' || ')
     best_rank: int | None
     top_ids: list[str]
     metrics: dict[str, float]
+    rewrite: str | None = None  # the rewriter's output (None: it gave none and the question was searched)
+    as_asked: bool = False  # searched with the question as asked (first turn, copy or no rewrite)
     response: str | None = None
     format_ok: bool | None = None
 
@@ -26,6 +29,8 @@ class TurnResult:
         return {
             "id": self.turn_id,
             "query": self.query,
+            "rewrite": self.rewrite,
+            "as_asked": self.as_asked,
             "best_rank": self.best_rank,
             "top10": self.top_ids[:10],
             **({"response": self.response, "format_ok": self.format_ok} if self.response is not None else {}),
@@ -33,33 +38,51 @@ class TurnResult:
         }
 
 
-def score_queries(
+def results_from_rankings(
+    turns: Sequence[Turn], rewrites: Sequence[str | None], rankings: Sequence[Sequence[SearchHit]], plan: SearchPlan
+) -> list[TurnResult]:
+    """Per-turn results of rankings already searched for `rewrites` under `plan`."""
+    ids = {t.id: [hit.passage_id for hit in hits] for t, hits in zip(turns, rankings, strict=True)}
+    if len(ids) != len(turns):
+        raise ValueError("turn ids repeat in the evaluated turns: every turn needs its own id")
+    metrics = per_query_metrics(ids, {t.id: list(t.positives) for t in turns})
+    return [
+        TurnResult(
+            turn_id=turn.id,
+            query=plan.describe(turn, rewrite),
+            best_rank=best_gold_rank(hits, turn.positives),
+            top_ids=ids[turn.id],
+            metrics=metrics.get(turn.id, {}),
+            rewrite=rewrite,
+            as_asked=plan.as_asked(turn, rewrite),
+        )
+        for turn, rewrite, hits in zip(turns, rewrites, rankings, strict=True)
+    ]
+
+
+def score_turns(
     turns: Sequence[Turn],
-    queries: Sequence[str],
+    rewrites: Sequence[str | None],
     retriever: Retriever,
+    plan: SearchPlan | None = None,
     k: int = 100,
     batch_size: int = 256,
 ) -> list[TurnResult]:
-    """Retrieve with one query per turn and score it against the turn's positives."""
-    if len(turns) != len(queries):
-        raise ValueError(f"{len(turns)} turns but {len(queries)} queries")
+    """Search every turn with its rewrite as the plan says and score the ranking against the turn's positives."""
+    from cqr_lightning.search import search_turns
+
+    plan = plan or SearchPlan()
+    if len({t.id for t in turns}) != len(turns):
+        seen: set[str] = set()
+        repeated = next(t.id for t in turns if t.id in seen or seen.add(t.id))
+        raise ValueError(f"turn id '{repeated}' appears more than once in the evaluated turns: ids must be unique")
+    if len(turns) != len(rewrites):
+        raise ValueError(f"{len(turns)} turns but {len(rewrites)} rewrites")
     results: list[TurnResult] = []
     for start in range(0, len(turns), batch_size):
-        chunk_turns = turns[start : start + batch_size]
-        chunk_queries = list(queries[start : start + batch_size])
-        runs = retriever.search(chunk_queries, k=k)
-        rankings = {t.id: [hit.passage_id for hit in hits] for t, hits in zip(chunk_turns, runs, strict=True)}
-        metrics = per_query_metrics(rankings, {t.id: list(t.positives) for t in chunk_turns})
-        for turn, query, hits in zip(chunk_turns, chunk_queries, runs, strict=True):
-            results.append(
-                TurnResult(
-                    turn_id=turn.id,
-                    query=query,
-                    best_rank=best_gold_rank(hits, turn.positives),
-                    top_ids=rankings[turn.id],
-                    metrics=metrics.get(turn.id, {}),
-                )
-            )
+        chunk_turns, chunk_rewrites = turns[start : start + batch_size], rewrites[start : start + batch_size]
+        rankings = search_turns(retriever, plan, chunk_turns, chunk_rewrites, k=k)
+        results.extend(results_from_rankings(chunk_turns, chunk_rewrites, rankings, plan))
     return results
 
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
-from cqr_lightning.errors import DataError
+from cqr_lightning.errors import ConfigError, DataError
 from cqr_lightning.records import ASSISTANT, USER, Turn, Utterance
 
 _CHUNK_CHARS = 1 << 20
@@ -246,7 +246,23 @@ def split_path(data_cfg, split: str) -> Path:
 
 
 def turn_reader(data_cfg, split: str, known_ids: Container[str] | None = None) -> Callable[[], Iterator[Turn]]:
-    """A zero-argument factory of fresh turn iterators for one split, chosen by `data.format`."""
+    """A zero-argument factory of fresh turn iterators for one split, chosen by `data.format`.
+
+    With `data.holdout` shares, the training split leaves out its held-out conversations, and the split names
+    `holdout_val` and `holdout_test` read them (cqr_lightning/holdout.py)."""
+    from cqr_lightning.holdout import HOLDOUT_SPLITS, TRAIN_PART, holdout_part, holdout_shares
+
+    val_share, test_share = holdout_shares(data_cfg)
+    if split in HOLDOUT_SPLITS and not (val_share if split == HOLDOUT_SPLITS[0] else test_share):
+        raise ConfigError(f"split '{split}' is empty: set data.holdout.{split.split('_')[1]} to a share above 0")
+    part = split if split in HOLDOUT_SPLITS else TRAIN_PART if str(split) == str(data_cfg.train_split) else None
+    read = _file_reader(data_cfg, data_cfg.train_split if split in HOLDOUT_SPLITS else split, known_ids)
+    if part is None or not (val_share or test_share):
+        return read
+    return lambda: (turn for turn in read() if holdout_part(turn, val_share, test_share) == part)
+
+
+def _file_reader(data_cfg, split: str, known_ids: Container[str] | None) -> Callable[[], Iterator[Turn]]:
     path = split_path(data_cfg, split)
     fmt = data_cfg.format
     if fmt == "jsonl":

@@ -58,8 +58,9 @@ class HumanRewriter:
 
 
 class FileRewriter:
-    """Queries saved earlier, one JSON object per line with `id` and `query` (an evaluation's rewrites.jsonl):
-    scores another model's rewrites, or the same rewrites against another retriever, without generating."""
+    """Rewrites saved earlier, one JSON object per line with `id` and `rewrite` (or `query`), as in an
+    evaluation's rewrites.jsonl: scores another model's rewrites, or the same rewrites against another retriever
+    or under another `search.query_mode`, without generating. A null rewrite searches the question."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -69,17 +70,20 @@ class FileRewriter:
         missing = [turn.id for turn in turns if turn.id not in self.queries]
         if missing:
             raise DataError(self.path, f"no query for {len(missing)} evaluated turn(s) (first: {missing[0]})")
-        return [Rewrite(self.queries[turn.id]) for turn in turns]
+        return [Rewrite(self.queries[turn.id] or turn.question) for turn in turns]
 
 
-def read_saved_queries(path: Path) -> dict[str, str]:
+def read_saved_queries(path: Path) -> dict[str, str | None]:
     if not path.is_file():
         raise ConfigError(f"rewriter.path: no file at {path}")
-    queries: dict[str, str] = {}
+    queries: dict[str, str | None] = {}
     for number, row in iter_jsonl_objects(path):
-        if not isinstance(row.get("id"), str) or not isinstance(row.get("query"), str):
-            raise DataError(path, 'expected an object with string "id" and "query"', number)
-        queries[row["id"]] = row["query"]
+        # an evaluation's file holds the rewrite and what was searched; re-scoring searches the rewrite anew
+        query = row.get("rewrite") if "rewrite" in row else row.get("query")
+        readable = isinstance(query, str) or (query is None and "rewrite" in row)
+        if not isinstance(row.get("id"), str) or not readable:
+            raise DataError(path, 'expected an object with string "id" and "rewrite" or "query"', number)
+        queries[row["id"]] = query
     return queries
 
 

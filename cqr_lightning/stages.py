@@ -4,7 +4,7 @@ Each stage works in its own folder of the run directory:
 
     <run_dir>/warmup/  distilled.jsonl, distill_stats.json, checkpoints/, adapter/, curves.*
     <run_dir>/rl/      checkpoints/, best_adapter/, adapter/, curves.*
-    <run_dir>/eval/    one evaluation folder per compared rewriter, summary.json
+    <run_dir>/eval/    per evaluation split, one folder per compared rewriter; summary.json
 
 A stage whose final adapter exists is not run again; a stage with a `checkpoints/last.ckpt` resumes
 from it (`resume: true`), in the same MLflow run.
@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.best_adapter import BestAdapterCallback
-from callbacks.retrieval_reward import RetrievalRewardCallback
+from callbacks.rollout_table import RolloutTableCallback
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
@@ -117,9 +117,23 @@ def load_model(cfg: DictConfig, adapter: str | None):
 
 def open_stage_retriever(cfg: DictConfig):
     """The retriever used for training rewards: queries cut to `train_max_query_words` (SPEC: 1,024)."""
-    from callbacks.retrieval_reward import open_reward_retriever
+    from cqr_lightning.scoring import open_reward_retriever
 
     return open_reward_retriever(cfg.retriever, cfg.data.corpus, cfg.train_max_query_words)
+
+
+def stage_scorer(cfg: DictConfig, retriever, reward: str = "rank_incentive"):
+    """The RetrievalScorer a stage judges rewrites with: its retriever, `search` plan and reward."""
+    from cqr_lightning.scoring import RetrievalScorer
+    from cqr_lightning.search import SearchPlan
+
+    return RetrievalScorer(
+        retriever,
+        SearchPlan.from_config(cfg.get("search")),
+        reward=reward,
+        response_format=cfg.response_format,
+        depth=int(cfg.retriever.get("k", 100)),
+    )
 
 
 def log_artifacts(logger, *paths: Path) -> None:
@@ -201,7 +215,7 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
     if logger is not None:
         logger.log_metrics({f"distill/{k}": float(v) for k, v in stats.items() if not isinstance(v, dict)})
         for bucket, count in stats["rank_histogram"].items():
-            logger.log_metrics({f"distill/rank_{bucket.replace('-', '_')}": float(count)})
+            logger.log_metrics({f"distill/{bucket}": float(count)})
         log_artifacts(logger, distilled_path, stage_dir / "distill_stats.json")
     return distilled_path
 
@@ -222,9 +236,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     w = cfg.warmup
     policy, tokenizer = load_model(cfg, cfg.model.get("adapter"))
     with open_stage_retriever(cfg) as retriever:
-        scorer = RetrievalRewardCallback(
-            cfg.retriever, cfg.data.corpus, response_format=cfg.response_format, retriever=retriever
-        )
+        scorer = stage_scorer(cfg, retriever)
         distilled = self_distill(cfg, stage_dir, policy, tokenizer, scorer, logger)
         n_examples = count_lines(distilled)
         if n_examples == 0:
@@ -246,6 +258,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             warmup_steps=int(w.warmup_ratio * total_steps),
             total_steps=total_steps,
             schedule=w.schedule,
+            scorer=scorer,
             **policy_settings(cfg, w),
         )
         remember_run(module, logger)
@@ -257,7 +270,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             w,
             stage_dir,
             logger,
-            [scorer, TrainingCurvesCallback(str(stage_dir), "train/loss"), BestAdapterCallback(str(stage_dir))],
+            [TrainingCurvesCallback(str(stage_dir), "train/loss"), BestAdapterCallback(str(stage_dir))],
             max_steps=total_steps,
             gradient_clip_val=w.gradient_clip_val,
             accumulate_grad_batches=w.accumulate_grad_batches,
@@ -292,33 +305,35 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     if adapter:
         load_adapter(policy, adapter, trainable=False, adapter_name=REFERENCE_ADAPTER)
         policy.set_adapter("default")
-    module = RLModule(
-        policy,
-        tokenizer,
-        group_size=r.group_size,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        clip_eps=r.clip_eps,
-        kl_beta=r.kl_beta,
-        entropy_coef=r.entropy_coef,
-        loss_aggregation=r.loss_aggregation,
-        loss_constant=r.get("loss_constant"),
-        scale_advantages=r.scale_advantages,
-        updates_per_rollout=r.updates_per_rollout,
-        micro_batch_size=r.micro_batch_size,
-        max_grad_norm=r.max_grad_norm,
-        optimizer=r.optimizer,
-        lr=r.lr,
-        betas=tuple(r.betas),
-        weight_decay=r.weight_decay,
-        warmup_steps=r.warmup_steps,
-        generation_batch_size=r.get("generation_batch_size"),
-        fast_sampling=r.fast_sampling,
-        static_decoding=r.get("static_decoding", False),
-        **policy_settings(cfg, r),
-    )
-    remember_run(module, logger)
     with open_stage_retriever(cfg) as retriever:  # one retriever for the turn filter, rewards and validation
+        scorer = stage_scorer(cfg, retriever, reward=r.reward)
+        module = RLModule(
+            policy,
+            tokenizer,
+            group_size=r.group_size,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            clip_eps=r.clip_eps,
+            kl_beta=r.kl_beta,
+            entropy_coef=r.entropy_coef,
+            loss_aggregation=r.loss_aggregation,
+            loss_constant=r.get("loss_constant"),
+            scale_advantages=r.scale_advantages,
+            updates_per_rollout=r.updates_per_rollout,
+            micro_batch_size=r.micro_batch_size,
+            max_grad_norm=r.max_grad_norm,
+            optimizer=r.optimizer,
+            lr=r.lr,
+            betas=tuple(r.betas),
+            weight_decay=r.weight_decay,
+            warmup_steps=r.warmup_steps,
+            generation_batch_size=r.get("generation_batch_size"),
+            fast_sampling=r.fast_sampling,
+            static_decoding=r.get("static_decoding", False),
+            scorer=scorer,
+            **policy_settings(cfg, r),
+        )
+        remember_run(module, logger)
         datamodule = ConversationDataModule(
             cfg.data,
             batch_size=r.batch_size,
@@ -326,20 +341,16 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
             val_limit=r.val_limit,
             skip_train_ids=skipped_rl_turns(cfg, stage_dir, retriever),
         )
-        scorer = RetrievalRewardCallback(
-            cfg.retriever,
-            cfg.data.corpus,
-            reward=r.reward,
-            response_format=cfg.response_format,
-            table_every_n_steps=r.table_every_n_steps,
-            retriever=retriever,
-        )
         trainer = make_trainer(
             cfg,
             r,
             stage_dir,
             logger,
-            [scorer, TrainingCurvesCallback(str(stage_dir)), BestAdapterCallback(str(stage_dir))],
+            [
+                RolloutTableCallback(r.table_every_n_steps),
+                TrainingCurvesCallback(str(stage_dir)),
+                BestAdapterCallback(str(stage_dir)),
+            ],
             max_steps=r.max_steps,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
@@ -349,38 +360,59 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
 
 
 def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever) -> frozenset[str]:
-    """The training turns `rl.skip_turns_solved_at_rank` leaves out (none when it is 0), written to
-    `skipped_turns.json`. Retrieval is deterministic, so a resumed run leaves out the same turns."""
+    """The training turns GRPO leaves out, written to `skipped_turns.json`: first turns when
+    `search.first_turn_as_asked` (their rewrite is never searched, so every sample earns the same reward and the
+    group teaches nothing), and the turns `rl.skip_turns_solved_at_rank` names. Retrieval is deterministic, so a
+    resumed run leaves out the same turns."""
     from cqr_lightning.readers import turn_reader
+    from cqr_lightning.search import SearchPlan
     from cqr_lightning.turn_filter import turns_solved_by_question
 
     max_rank = int(cfg.rl.get("skip_turns_solved_at_rank") or 0)
-    if max_rank <= 0:
+    plan = SearchPlan.from_config(cfg.get("search"))
+    if max_rank <= 0 and not plan.first_turn_as_asked:
         return frozenset()
-    turns = turn_reader(cfg.data, cfg.data.train_split)()
-    solved, seen = turns_solved_by_question(turns, retriever, max_rank, k=int(cfg.retriever.get("k", 100)))
-    if len(solved) == seen:
+    turns = list(turn_reader(cfg.data, cfg.data.train_split)())
+    first_turns = {t.id for t in turns if not t.history} if plan.first_turn_as_asked else set()
+    solved: set[str] = set()
+    if max_rank > 0:
+        later = (t for t in turns if t.id not in first_turns)
+        solved, _ = turns_solved_by_question(later, retriever, max_rank, k=int(cfg.retriever.get("k", 100)))
+    skipped = first_turns | solved
+    if turns and len(skipped) == len(turns):
         raise ConfigError(
-            f"rl.skip_turns_solved_at_rank={max_rank} leaves no training turn: the question as asked already ranks a "
-            f"gold passage at {max_rank} or better on all {seen} turns of '{cfg.data.train_split}' (set it to 0)"
+            f"GRPO has no training turn left in '{cfg.data.train_split}': of {len(turns)} turns, {len(first_turns)} "
+            f"are first turns searched as asked (search.first_turn_as_asked) and {len(solved)} are already solved "
+            f"by the question (rl.skip_turns_solved_at_rank={max_rank}); turn one of them off"
         )
     log.info(
-        "RL leaves out %d of %d training turns that the question alone solves (rank <= %d)", len(solved), seen, max_rank
+        "RL leaves out %d of %d training turns: %d first turns, %d that the question alone solves (rank <= %d)",
+        len(skipped),
+        len(turns),
+        len(first_turns),
+        len(solved),
+        max_rank,
     )
-    write_json(stage_dir / "skipped_turns.json", {"max_rank": max_rank, "turns": seen, "skipped": sorted(solved)})
-    return frozenset(solved)
+    summary = {"max_rank": max_rank, "turns": len(turns), "first_turns": len(first_turns), "solved": len(solved)}
+    write_json(stage_dir / "skipped_turns.json", {**summary, "skipped": sorted(skipped)})
+    return frozenset(skipped)
 
 
 # --- evaluation after training ----------------------------------------------------------------------
 
 
+def evaluation_splits(cfg: DictConfig) -> list[str]:
+    """The splits the final table reports: `eval.splits`, else `data.eval_split`."""
+    return [str(split) for split in (cfg.eval.get("splits") or [cfg.data.eval_split])]
+
+
 def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str | None]) -> dict[str, dict]:
-    """Evaluate raw questions and the model with each adapter on the eval split; print one table."""
+    """Evaluate the raw question, the human rewrite and the model with each adapter on every evaluation split;
+    one table per split in `<run_dir>/eval/<split>/`, all of them in `eval/summary.json` ({split: {row: metrics}})."""
     from cqr_lightning.evaluate import run_evaluation
     from cqr_lightning.evaluation import format_table
     from cqr_lightning.rewriters import MissingHumanRewrites
 
-    rows: dict[str, dict] = {}
     base = OmegaConf.to_container(cfg, resolve=True)
     jobs = [("raw question", {"rewriter": {"name": "raw"}})]
     if cfg.eval.get("human", False):
@@ -390,16 +422,22 @@ def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str |
         if adapter is None:  # the untuned model is asked the way the warm-up samples it
             rewriter.update(base["eval"].get("untuned") or {})
         jobs.append((label, {"rewriter": rewriter, "model": {**base["model"], "adapter": adapter}}))
-    for label, overrides in jobs:
-        job_cfg = OmegaConf.merge(base, overrides, {"output_dir": str(run_dir / "eval" / slug(label))})
-        job_cfg.logger.run_name = f"evaluate-{slug(label)}-{run_dir.name}"
-        try:
-            rows[label] = run_evaluation(job_cfg)
-        except MissingHumanRewrites as error:
-            log.warning("no '%s' row: %s", label, error)
-    print("\n" + format_table(rows))
-    write_json(run_dir / "eval" / "summary.json", rows)
-    return rows
+    tables: dict[str, dict] = {}
+    for split in evaluation_splits(cfg):
+        rows: dict[str, dict] = {}
+        for label, overrides in jobs:
+            output_dir = run_dir / "eval" / slug(split) / slug(label)
+            job_cfg = OmegaConf.merge(base, overrides, {"output_dir": str(output_dir), "data": {"eval_split": split}})
+            job_cfg.logger.run_name = f"evaluate-{slug(split)}-{slug(label)}-{run_dir.name}"
+            try:
+                rows[label] = run_evaluation(job_cfg)
+            except MissingHumanRewrites as error:
+                log.warning("no '%s' row on %s: %s", label, split, error)
+        query_mode = next(iter(rows.values())).get("query_mode", "rewrite") if rows else "rewrite"
+        print(f"\n{split} (searched with query_mode={query_mode})\n" + format_table(rows))
+        tables[split] = rows
+    write_json(run_dir / "eval" / "summary.json", tables)
+    return tables
 
 
 def slug(label: str) -> str:
@@ -409,8 +447,10 @@ def slug(label: str) -> str:
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict]:
     warm = run_warmup(cfg, run_dir) if cfg.pipeline.warmup else cfg.model.get("adapter")
     trained = run_rl(cfg, run_dir, str(warm) if warm else None)
-    adapters = {"untuned model": None}
-    if cfg.pipeline.warmup:
+    adapters: dict[str, str | None] = {}
+    if cfg.eval.get("untuned_row", True):
+        adapters["untuned model"] = None
+    if cfg.pipeline.warmup and cfg.eval.get("warmup_row", True):
         adapters["after warm-up"] = str(warm)
     adapters["after GRPO"] = str(trained)
     return evaluate_rewriters(cfg, run_dir, adapters)

@@ -156,7 +156,9 @@ class ConversationDataModule(L.LightningDataModule):
         return self._loader(self._train_stream, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.ordered_stream(self.data_cfg.eval_split, self.val_limit), self.eval_batch_size)
+        """`data.val_split` (for example `holdout_val`), else the evaluation split."""
+        split = self.data_cfg.get("val_split") or self.data_cfg.eval_split
+        return self._loader(self.ordered_stream(split, self.val_limit), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         """Training turns in file order, for sampling rewrites (warm-up self-distillation)."""

@@ -90,9 +90,10 @@ def data_with_vague_turns(fixture_data_dir, tmp_path) -> Path:
     folder.mkdir()
     for name in ("corpus.jsonl", "dev.jsonl"):
         (folder / name).write_text((fixture_data_dir / name).read_text())
+    opening = {"role": "user", "text": "Tell me something."}
     vague = [
-        {"id": "vague_1", "history": [], "question": "And what about that one?", "positives": ["tokyo-2"]},
-        {"id": "vague_2", "history": [], "question": "Why so?", "positives": ["bee-2"]},
+        {"id": "vague_1", "history": [opening], "question": "And what about that one?", "positives": ["tokyo-2"]},
+        {"id": "vague_2", "history": [opening], "question": "Why so?", "positives": ["bee-2"]},
     ]
     extra = "".join(json.dumps({**turn, "rewrite": None}) + "\n" for turn in vague)
     (folder / "train.jsonl").write_text((fixture_data_dir / "train.jsonl").read_text() + extra)

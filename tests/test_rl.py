@@ -6,13 +6,13 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.retrieval_reward import RetrievalRewardCallback, RewardBatch
 from cqr_lightning.errors import RetrievalError
 from cqr_lightning.grpo.rollout import pack_rollout, response_log_probs
 from cqr_lightning.models.generation import GeneratedSample
 from cqr_lightning.models.loading import load_adapter, load_policy, load_tokenizer, save_adapter
 from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
 from cqr_lightning.retrieval.factory import open_retriever
+from cqr_lightning.scoring import RetrievalScorer, RewardBatch
 from data_modules.conversations import ConversationDataModule
 
 GOOD = "<think> it is the Nile </think>\n<rewrite> Nile river delta </rewrite>"
@@ -166,7 +166,7 @@ def test_reward_callback_gives_spec_values_on_the_fixture_corpus(retriever, data
     from cqr_lightning.readers import read_jsonl_turns
 
     turn = next(t for t in read_jsonl_turns(f"{data_cfg.dir}/train.jsonl") if t.positives == ("tokyo-2",))
-    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    scorer = RetrievalScorer(retriever)
     responses = [
         "<think> the tower in Tokyo </think>\n<rewrite> When did the Tokyo Tower open? </rewrite>",
         "<think> x </think>\n<rewrite> zebra violin quartz </rewrite>",
@@ -184,8 +184,8 @@ def test_reward_callback_gives_spec_values_on_the_fixture_corpus(retriever, data
 
 
 def test_reward_statistics_count_rewrites_that_repeat_the_question(retriever, data_cfg):
-    from callbacks.retrieval_reward import reward_statistics
     from cqr_lightning.readers import read_jsonl_turns
+    from cqr_lightning.scoring import reward_statistics
 
     turn = next(t for t in read_jsonl_turns(f"{data_cfg.dir}/train.jsonl") if t.positives == ("tokyo-2",))
     responses = [
@@ -194,16 +194,14 @@ def test_reward_statistics_count_rewrites_that_repeat_the_question(retriever, da
         "no tags",
         f"<rewrite> {turn.question} </rewrite>",
     ]
-    batch = RetrievalRewardCallback(None, None, response_format="rewrite_only", retriever=retriever).score(
-        [turn] * 4, responses
-    )
+    batch = RetrievalScorer(retriever, response_format="rewrite_only").score([turn] * 4, responses)
     assert turn.question != "When did the Tokyo Tower open?"
     assert batch.copies == [True, False, False, True]
     assert reward_statistics(batch, group_size=4)["copy_rate"] == 0.5
 
 
 class FailingRetriever:
-    def best_gold_ranks(self, queries, positives, k=100):
+    def search(self, queries, k=100):
         raise ConnectionError("retrieval server unreachable")
 
     def close(self):
@@ -223,10 +221,10 @@ def test_retrieval_failure_stops_training_and_keeps_the_last_checkpoint(tiny_mod
     last = tmp_path / "ckpt" / "last.ckpt"
     saved = last.read_bytes()
     module = scripted_module(load_policy(tiny_model_cfg), tokenizer, [GOOD, BAD])
-    failing = RetrievalRewardCallback(None, None, retriever=FailingRetriever())
+    module.scorer = RetrievalScorer(FailingRetriever())
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with pytest.raises(RetrievalError, match="retrieval server unreachable.*last checkpoint is intact"):
-        fit(module, data_cfg, [failing, checkpoint], 4, tmp_path, plugins=[AtomicCheckpointIO()],
+        fit(module, data_cfg, [checkpoint], 4, tmp_path, plugins=[AtomicCheckpointIO()],
             enable_checkpointing=True)  # fmt: skip
     assert last.read_bytes() == saved
 
@@ -235,9 +233,11 @@ def test_fast_sampling_path_trains_and_resyncs_after_each_step(
     tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
 ):
     policy = policy_with_random_lora_b(tiny_model_cfg)
-    module = RLModule(policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=128, fast_sampling=True)
-    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
-    trainer = fit(module, data_cfg, [scorer], 2, tmp_path)
+    module = RLModule(
+        policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=128, fast_sampling=True,
+        scorer=RetrievalScorer(retriever),
+    )  # fmt: skip
+    trainer = fit(module, data_cfg, [], 2, tmp_path)
     assert trainer.global_step == 2
     assert module._sampler is not None and module._sampler_step == 1, "synced before the second rollout"
     assert "time/generation" in trainer.callback_metrics

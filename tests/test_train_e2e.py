@@ -63,12 +63,16 @@ def mlflow_runs(tracking: Path):
 @pytest.mark.slow
 def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixture_data_dir, tmp_path):
     tracking = tmp_path / "mlruns" / "mlflow.db"
-    cfg = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "pipeline.warmup=false"])
-    rows = train.run(cfg)
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "pipeline.warmup=false"]
+    cfg = compose_train([*overrides, "eval.splits=[dev,train]"])
+    tables = train.run(cfg)
     run_dir = tmp_path / "run"
+    assert list(tables) == ["dev", "train"]
+    rows = tables["dev"]
     assert list(rows) == ["raw question", "human rewrite", "untuned model", "after GRPO"]
-    assert rows["raw question"]["n"] == 4
-    assert json.loads((run_dir / "eval" / "summary.json").read_text()) == rows
+    assert rows["raw question"]["n"] == 4 and tables["train"]["raw question"]["n"] == 8
+    assert json.loads((run_dir / "eval" / "summary.json").read_text()) == tables
+    assert (run_dir / "eval" / "train" / "after_grpo" / "rewrites.jsonl").is_file()
     adapter = run_dir / "rl" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert all("lora_" in key for key in load_file(adapter / "adapter_model.safetensors"))
@@ -80,7 +84,7 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     by_stage = {}
     for run in runs:
         by_stage.setdefault(run.data.tags.get("stage", "evaluate"), []).append(run)
-    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 4  # one per table row
+    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 8  # one per table row and split
     rl_run = by_stage["rl"][0]
     assert rl_run.data.params["rl.group_size"] == "2"
     assert len(client.get_metric_history(rl_run.info.run_id, "train/reward_mean")) == 3
@@ -236,23 +240,34 @@ def test_rl_turn_filter_writes_the_turns_it_leaves_out_and_refuses_to_leave_none
 
     cfg = compose_train([*tiny_overrides(data_with_vague_turns, tmp_path / "run", tmp_path / "m.db")])
     turns = list(read_jsonl_turns(data_with_vague_turns / "train.jsonl"))
+    first_turns = sorted(t.id for t in turns if not t.history)
     with open_stage_retriever(cfg) as retriever:
         ranks = retriever.best_gold_ranks([t.question for t in turns], [t.positives for t in turns], k=100)
-        expected = sorted(t.id for t, rank in zip(turns, ranks, strict=True) if rank == 1)
-        assert 0 < len(expected) < len(turns)
+        solved = sorted(t.id for t, rank in zip(turns, ranks, strict=True) if rank == 1 and t.history)
+        assert solved and first_turns and len(solved) + len(first_turns) < len(turns)
 
-        assert skipped_rl_turns(cfg, tmp_path / "off", retriever) == frozenset()  # the default, 0, leaves all in
+        # first turns are searched as asked by default, so every GRPO sample of one would earn the same reward
+        assert skipped_rl_turns(cfg, tmp_path, retriever) == frozenset(first_turns)
+        cfg.search.first_turn_as_asked = False
+        assert skipped_rl_turns(cfg, tmp_path, retriever) == frozenset()  # the paper: every turn
         cfg.rl.skip_turns_solved_at_rank = 1
-        assert skipped_rl_turns(cfg, tmp_path, retriever) == frozenset(expected)
+        cfg.search.first_turn_as_asked = True
+        assert skipped_rl_turns(cfg, tmp_path, retriever) == frozenset(solved + first_turns)
     written = json.loads((tmp_path / "skipped_turns.json").read_text())
-    assert written == {"max_rank": 1, "turns": len(turns), "skipped": expected}
+    assert written == {
+        "max_rank": 1,
+        "turns": len(turns),
+        "first_turns": len(first_turns),
+        "solved": len(solved),
+        "skipped": sorted(solved + first_turns),
+    }
 
     # on the plain fixture every question already finds its gold passage first: nothing would be left to train on
     plain = compose_train([*tiny_overrides(fixture_data_dir, tmp_path / "run2", tmp_path / "m.db")])
     plain.rl.skip_turns_solved_at_rank = 1
     with (
         open_stage_retriever(plain) as retriever,
-        pytest.raises(ConfigError, match="leaves no training turn.*set it to 0"),
+        pytest.raises(ConfigError, match="no training turn left.*turn one of them off"),
     ):
         skipped_rl_turns(plain, tmp_path / "all", retriever)
 

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.retrieval_reward import RetrievalRewardCallback
 from callbacks.stream_position import StreamPositionCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO
 from cqr_lightning.distill import best_sample, distill
@@ -18,6 +17,7 @@ from cqr_lightning.prompts import render_prompt
 from cqr_lightning.readers import read_jsonl_turns
 from cqr_lightning.retrieval.base import best_gold_rank
 from cqr_lightning.retrieval.factory import open_retriever
+from cqr_lightning.scoring import RetrievalScorer
 from cqr_lightning.sft import IGNORE_INDEX, build_sft_batch, response_token_loss
 from data_modules.distilled import DistilledDataModule
 
@@ -51,7 +51,7 @@ def test_filter_keeps_exactly_the_samples_that_rank_a_gold_passage_first(retriev
         (turn, [response(turn.rewrite), response(turn.question), response("zebra violin"), turn.rewrite])
         for turn in turns
     ]
-    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    scorer = RetrievalScorer(retriever)
     kept, stats = distill(scripted, scorer.best_ranks, lambda t: render_prompt(tokenizer, t, 256), keep_rank=1)
     expected = {}
     for turn, responses in scripted:
@@ -182,7 +182,7 @@ def test_resume_continues_with_the_same_state(tmp_path, tiny_model_cfg, tokenize
 def test_lenient_format_keeps_readable_rewrites_and_trains_on_the_canonical_form(retriever, data_cfg, tokenizer):
     turns = [t for t in read_jsonl_turns(f"{data_cfg.dir}/train.jsonl") if t.id == "tokyo_2"]
     broken = "<rewrite> When did the Tokyo Tower open? </revisedrewrite>\nQ2: more text"
-    scorer = RetrievalRewardCallback(None, None, retriever=retriever)
+    scorer = RetrievalScorer(retriever)
     strict, _ = distill([(turns[0], [broken])], scorer.best_ranks, lambda t: "p", 1, "rewrite_only")
     kept, stats = distill([(turns[0], [broken])], scorer.best_ranks, lambda t: "p", 1, "rewrite_only", lenient=True)
     assert strict == []

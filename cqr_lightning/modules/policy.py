@@ -13,8 +13,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from cqr_lightning.evaluation import SHARE_NAMES, score_queries
-from cqr_lightning.formatting import is_copy, parse_response
+from cqr_lightning.evaluation import SHARE_NAMES
+from cqr_lightning.formatting import parse_response
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics
 from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import THINK_REWRITE, render_prompt
@@ -41,10 +41,8 @@ def restore_rng_state(state: dict) -> None:
 
 
 class PolicyModule(L.LightningModule):
-    """Holds `policy` (a peft model) and `tokenizer`; validates greedy rewrites with the retriever.
-
-    The retriever comes from `RetrievalRewardCallback`, which sets `self.scorer` at setup.
-    """
+    """Holds `policy` (a peft model) and `tokenizer`; validates greedy rewrites with `scorer`, the
+    `RetrievalScorer` that searches them as the training reward does (none: no validation metrics)."""
 
     def __init__(
         self,
@@ -54,6 +52,7 @@ class PolicyModule(L.LightningModule):
         max_new_tokens: int = 256,
         response_format: str = THINK_REWRITE,
         val_batch_size: int = 8,
+        scorer=None,
     ):
         super().__init__()
         self.policy = policy
@@ -62,7 +61,7 @@ class PolicyModule(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.response_format = response_format
         self.val_batch_size = val_batch_size
-        self.scorer = None
+        self.scorer = scorer
         self.extras: dict = {}  # run-level values stored with checkpoints (MLflow run id, ...)
         self.strict_loading = False  # checkpoints carry only the LoRA weights
         self._val_results: list[dict[str, float]] = []
@@ -90,12 +89,11 @@ class PolicyModule(L.LightningModule):
             batch_size=self.val_batch_size,
         )
         parsed = [parse_response(s.text, self.response_format) for s in samples]
-        queries = [p.rewrite or t.question for p, t in zip(parsed, turns, strict=True)]
-        results = score_queries(turns, queries, self.scorer.retriever, k=self.scorer.depth)
-        for p, result, turn in zip(parsed, results, turns, strict=True):
+        results = self.scorer.evaluate(turns, [p.rewrite for p in parsed])
+        for p, result in zip(parsed, results, strict=True):
             if result.metrics:
-                copy = is_copy(result.query, turn.question)
-                self._val_results.append({**result.metrics, "format_ok": float(p.format_ok), "copy_rate": float(copy)})
+                shares = {"format_ok": float(p.format_ok), "copy_rate": float(result.as_asked)}
+                self._val_results.append({**result.metrics, **shares})
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_results:

@@ -2,7 +2,7 @@
 
 One training step = one rollout batch:
 1. sample G responses per prompt (temperature, top_p, stop at </rewrite>);
-2. score them with the retrieval reward (`self.scorer`, set by RetrievalRewardCallback);
+2. score them with the retrieval reward (`self.scorer`, the RetrievalScorer given to the constructor);
 3. group-normalised advantages;
 4. for `updates_per_rollout` passes, over micro-batches: reference log-probs (frozen warm-up adapter,
    or the base with adapters disabled), policy log-probs with gradient, the clipped surrogate + k3 KL
@@ -23,6 +23,7 @@ from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
 from cqr_lightning.models.generation import generate
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
+from cqr_lightning.scoring import reward_statistics
 
 REFERENCE_ADAPTER = "reference"
 
@@ -227,8 +228,6 @@ class RLModule(PolicyModule):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-
-        from callbacks.retrieval_reward import reward_statistics
 
         metrics = {f"train/{k}": v for k, v in totals.items()}
         metrics.update({f"train/{k}": v for k, v in reward_statistics(rewards, self.group_size).items()})

@@ -1,0 +1,146 @@
+"""The retrieval scorer: the service both training stages are given to judge rewrites with the retriever.
+
+`RetrievalScorer` holds the retriever, the search plan (cqr_lightning/search.py) and the reward function. The
+warm-up's filter asks it for gold ranks (`best_ranks`), GRPO for rewards (`score`), validation for per-turn
+metrics (`evaluate`): all three search a rewrite the same way. Modules receive it in their constructor;
+callbacks only read what it last scored (`last`) to log it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import OmegaConf
+
+from cqr_lightning.errors import RetrievalError
+from cqr_lightning.evaluation import TurnResult, results_from_rankings
+from cqr_lightning.formatting import parse_response
+from cqr_lightning.grpo.rewards import get_reward_function
+from cqr_lightning.prompts import THINK_REWRITE
+from cqr_lightning.records import Turn
+from cqr_lightning.retrieval.base import Retriever, best_gold_rank
+from cqr_lightning.search import SearchPlan, search_turns
+
+# Gold-rank buckets for statistics: (label, lowest rank, highest rank); a rank beyond them is "not_found".
+RANK_BUCKETS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10), ("rank_11_100", 11, 100))
+NOT_FOUND = "not_found"
+
+
+def rank_bucket(rank: int | None) -> str:
+    """The label of the bucket a best gold rank falls in."""
+    for label, low, high in RANK_BUCKETS:
+        if rank is not None and low <= rank <= high:
+            return label
+    return NOT_FOUND
+
+
+@dataclass
+class RewardBatch:
+    rewards: list[float]
+    ranks: list[int | None]
+    format_ok: list[bool]
+    rewrites: list[str | None]
+    # whether each rewrite was searched as the question alone (a copy, or a first turn; a malformed response is
+    # not searched and is no copy)
+    copies: list[bool] = field(default_factory=list)
+
+
+def reward_statistics(batch: RewardBatch, group_size: int) -> dict[str, float]:
+    """Mean/std reward, format failures, gold-rank histogram (shares) and flat groups."""
+    n = len(batch.rewards)
+    rewards = torch.tensor(batch.rewards, dtype=torch.float64)
+    valid_ranks = [r for r, ok in zip(batch.ranks, batch.format_ok, strict=True) if ok]
+    stats = {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if n > 1 else 0.0,
+        "format_failure_rate": 1 - sum(batch.format_ok) / n,
+        "rewrite_words": sum(len((w or "").split()) for w in batch.rewrites) / n,
+    }
+    if batch.copies:
+        stats["copy_rate"] = sum(batch.copies) / n
+    buckets = [rank_bucket(r) for r in valid_ranks]
+    for label, _, _ in RANK_BUCKETS:
+        stats[f"gold_{label}"] = buckets.count(label) / n
+    stats[f"gold_{NOT_FOUND}"] = buckets.count(NOT_FOUND) / n
+    if group_size > 1 and n % group_size == 0:
+        groups = rewards.reshape(-1, group_size)
+        stats["flat_group_share"] = (groups.amax(1) == groups.amin(1)).double().mean().item()
+    return stats
+
+
+def open_reward_retriever(retriever_cfg, corpus_path: str | None, max_query_words: int | None = None) -> Retriever:
+    """Open the retriever that scores rewrites, queries cut to `max_query_words`; a failure names what to check."""
+    from cqr_lightning.retrieval.factory import open_retriever
+
+    cfg = OmegaConf.to_container(OmegaConf.create(retriever_cfg), resolve=True)
+    if max_query_words:
+        cfg["max_query_words"] = max_query_words
+    try:
+        return open_retriever(cfg, corpus_path)
+    except Exception as err:
+        raise RetrievalError(
+            f"could not open retriever '{cfg.get('name')}' over {corpus_path}: {err} "
+            "(check retriever=... and data.corpus)"
+        ) from err
+
+
+class RetrievalScorer:
+    """Judges rewrites by where the retriever ranks a gold passage, searching them as `plan` says."""
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        plan: SearchPlan | None = None,
+        reward: str = "rank_incentive",
+        response_format: str = THINK_REWRITE,
+        depth: int = 100,
+    ):
+        self.retriever = retriever
+        self.plan = plan or SearchPlan()
+        self.reward_name = reward
+        self.reward_fn = get_reward_function(reward)
+        self.response_format = response_format
+        self.depth = depth
+        self.last: tuple[list[Turn], list[str], RewardBatch] | None = None
+
+    def rankings(self, turns: Sequence[Turn], rewrites: Sequence[str | None]):
+        """Each turn's ranking; a failing retriever stops training with a clear error."""
+        try:
+            return search_turns(self.retriever, self.plan, turns, rewrites, k=self.depth)
+        except Exception as err:
+            raise RetrievalError(
+                f"retrieval failed while scoring {len(turns)} rewrites: {err}. Training stopped; the last "
+                "checkpoint is intact (resume with ckpt_path=...)."
+            ) from err
+
+    def best_ranks(self, rewrites: Sequence[str | None], turns: Sequence[Turn]) -> list[int | None]:
+        """Best gold rank per rewrite (rewrites[i] belongs to turns[i]), None when none is in the top `depth`."""
+        rankings = self.rankings(turns, rewrites)
+        return [best_gold_rank(hits, turn.positives) for hits, turn in zip(rankings, turns, strict=True)]
+
+    def score(self, turns: Sequence[Turn], responses: Sequence[str]) -> RewardBatch:
+        """Reward each response (turns[i] is the turn response i answers); a malformed one is not searched."""
+        parsed = [parse_response(text, self.response_format) for text in responses]
+        scored = [i for i, p in enumerate(parsed) if p.format_ok]
+        ranks: list[int | None] = [None] * len(parsed)
+        if scored:
+            found = self.best_ranks([parsed[i].rewrite for i in scored], [turns[i] for i in scored])
+            for i, rank in zip(scored, found, strict=True):
+                ranks[i] = rank
+        batch = RewardBatch(
+            rewards=[self.reward_fn(rank, p.format_ok) for rank, p in zip(ranks, parsed, strict=True)],
+            ranks=ranks,
+            format_ok=[p.format_ok for p in parsed],
+            rewrites=[p.rewrite for p in parsed],
+            copies=[
+                p.rewrite is not None and self.plan.as_asked(t, p.rewrite) for p, t in zip(parsed, turns, strict=True)
+            ],
+        )
+        self.last = (list(turns), list(responses), batch)
+        return batch
+
+    def evaluate(self, turns: Sequence[Turn], rewrites: Sequence[str | None]) -> list[TurnResult]:
+        """Per-turn ranks and metrics of the rewrites, searched as the plan says."""
+        return results_from_rankings(turns, rewrites, self.rankings(turns, rewrites), self.plan)

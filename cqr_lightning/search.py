@@ -1,0 +1,98 @@
+"""What is searched for a turn, given its rewrite: the `search` settings (conf/search/default.yaml).
+
+One `SearchPlan` is used identically by the GRPO reward, the warm-up's filter, validation, evaluation and
+`rewriter=file`, so a rewriter is trained for the way it will be searched:
+
+- `rewrite`: the rewrite alone (the paper's);
+- `question_rewrite`: the question, then the rewrite, as one query (the rewrite adds what the question lacks);
+- `fusion`: reciprocal rank fusion (RRF) of the question's ranking and the rewrite's ranking.
+
+With `first_turn_as_asked` a turn without history is searched with its question as asked: there is nothing to
+resolve, and a rewrite can only drift from it. A turn whose rewrite is missing is searched with its question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.formatting import is_copy
+from cqr_lightning.records import Turn
+from cqr_lightning.retrieval.base import Retriever, SearchHit
+
+REWRITE, QUESTION_REWRITE, FUSION = "rewrite", "question_rewrite", "fusion"
+QUERY_MODES = (REWRITE, QUESTION_REWRITE, FUSION)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    query_mode: str = REWRITE
+    first_turn_as_asked: bool = True
+    fusion_k: int = 60  # RRF's constant: score = sum over rankings of 1 / (fusion_k + rank)
+
+    def __post_init__(self):
+        if self.query_mode not in QUERY_MODES:
+            raise ConfigError(f"search.query_mode={self.query_mode} is not one of {', '.join(QUERY_MODES)}")
+        if self.fusion_k < 0:
+            raise ConfigError(f"search.fusion_k must be >= 0, got {self.fusion_k}")
+
+    @classmethod
+    def from_config(cls, cfg) -> SearchPlan:
+        """From a `search` config block; None (an old config without one) gives the defaults."""
+        if cfg is None:
+            return cls()
+        return cls(
+            query_mode=str(cfg.get("query_mode", REWRITE)),
+            first_turn_as_asked=bool(cfg.get("first_turn_as_asked", True)),
+            fusion_k=int(cfg.get("fusion_k", 60)),
+        )
+
+    def as_asked(self, turn: Turn, rewrite: str | None) -> bool:
+        """Whether the turn is searched with its question alone: no rewrite, a first turn, or a rewrite that
+        repeats the question word for word (`is_copy`)."""
+        if rewrite is None or (self.first_turn_as_asked and not turn.history):
+            return True
+        return is_copy(rewrite, turn.question)
+
+    def queries(self, turn: Turn, rewrite: str | None) -> list[str]:
+        """The one or two queries searched for the turn (two only for fusion; their rankings are fused)."""
+        if self.as_asked(turn, rewrite):
+            return [turn.question]
+        if self.query_mode == QUESTION_REWRITE:
+            return [f"{turn.question} {rewrite}"]
+        if self.query_mode == FUSION:
+            return [turn.question, rewrite]
+        return [rewrite]
+
+    def describe(self, turn: Turn, rewrite: str | None) -> str:
+        """The searched text as one line, for logs and rewrites.jsonl (fused queries joined by ' || ')."""
+        return " || ".join(self.queries(turn, rewrite))
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[SearchHit]], k: int = 60, depth: int = 100) -> list[SearchHit]:
+    """Fuse rankings: score(p) = sum of 1 / (k + rank of p) over the rankings holding p; best `depth` first.
+    Ties keep the order in which passages were first met (ranking by ranking, best first)."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            scores[hit.passage_id] = scores.get(hit.passage_id, 0.0) + 1.0 / (k + rank)
+    order = sorted(scores, key=lambda pid: -scores[pid])  # sorted() is stable: first met wins ties
+    return [SearchHit(pid, scores[pid]) for pid in order[:depth]]
+
+
+def search_turns(
+    retriever: Retriever, plan: SearchPlan, turns: Sequence[Turn], rewrites: Sequence[str | None], k: int = 100
+) -> list[list[SearchHit]]:
+    """The ranking of each turn searched as the plan says, with one retriever call for the whole batch."""
+    if len(turns) != len(rewrites):
+        raise ValueError(f"{len(turns)} turns but {len(rewrites)} rewrites")
+    per_turn = [plan.queries(turn, rewrite) for turn, rewrite in zip(turns, rewrites, strict=True)]
+    flat = [query for queries in per_turn for query in queries]
+    runs = retriever.search(flat, k=k) if flat else []
+    rankings, at = [], 0
+    for queries in per_turn:
+        parts = runs[at : at + len(queries)]
+        at += len(queries)
+        rankings.append(list(parts[0]) if len(parts) == 1 else reciprocal_rank_fusion(parts, plan.fusion_k, k))
+    return rankings
