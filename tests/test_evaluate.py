@@ -56,9 +56,32 @@ def test_raw_and_human_rewrites(fixture_data_dir, tmp_path):
 
 def test_history_rewriter_uses_earlier_user_turns(fixture_data_dir, tmp_path):
     out = tmp_path / "history"
-    run_evaluation(evaluate_cfg(fixture_data_dir, out, tmp_path / "m.db", "rewriter=history", "logger=none"))
+    cfg = evaluate_cfg(
+        fixture_data_dir, out, tmp_path / "m.db", "rewriter=history", "search.query_mode=rewrite", "logger=none"
+    )
+    run_evaluation(cfg)
     rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
     assert rows[1]["query"] == "How do honey bees live? How do they share where food is?"
+    assert rows[0]["as_asked"] and rows[0]["query"] == "How do honey bees live?"  # a first turn: the question
+
+
+def test_saved_rewrites_are_searched_anew_in_another_query_mode(fixture_data_dir, tmp_path):
+    """rewriter=file reads the rewrites an evaluation saved and searches them as `search.query_mode` says."""
+    human = tmp_path / "human"
+    run_evaluation(evaluate_cfg(fixture_data_dir, human, tmp_path / "m.db", "rewriter=human", "logger=none"))
+    for mode in ("rewrite", "question_rewrite", "fusion"):
+        out = tmp_path / mode
+        extra = ("rewriter=file", f"rewriter.path={human / 'rewrites.jsonl'}", f"search.query_mode={mode}")
+        metrics = run_evaluation(evaluate_cfg(fixture_data_dir, out, tmp_path / "m.db", *extra, "logger=none"))
+        rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+        later = next(r for r in rows if not r["as_asked"])
+        expected = {
+            "rewrite": later["rewrite"],
+            "question_rewrite": f"How do they share where food is? {later['rewrite']}",
+            "fusion": f"How do they share where food is? || {later['rewrite']}",
+        }
+        assert metrics["query_mode"] == mode and later["query"] == expected[mode]
+        assert json.loads((out / "metrics.json").read_text())["query_mode"] == mode
 
 
 def test_human_rewriter_on_data_without_rewrites_names_the_fix(fixture_data_dir, tmp_path):
