@@ -1,6 +1,7 @@
 """The retrieval scorer: the service both training stages are given to judge rewrites with the retriever.
 
-`RetrievalScorer` holds the retriever, the search plan (cqr_lightning/search.py) and the reward function. The
+`RetrievalScorer` holds the retriever, the search plan (cqr_lightning/search.py) and the reward terms
+(cqr_lightning/grpo/reward_terms.py). The
 warm-up's filter asks it for gold ranks (`best_ranks`), GRPO for rewards (`score`), validation for per-turn
 metrics (`evaluate`): all three search a rewrite the same way. Modules receive it in their constructor;
 callbacks only read what it last scored (`last`) to log it.
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from cqr_lightning.errors import RetrievalError
 from cqr_lightning.evaluation import TurnResult, results_from_rankings
 from cqr_lightning.formatting import parse_response
-from cqr_lightning.grpo.rewards import get_reward_function
+from cqr_lightning.grpo.reward_terms import WeightedTerm, combine_terms, weighted_terms
 from cqr_lightning.prompts import THINK_REWRITE
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.base import Retriever, best_gold_rank
@@ -45,6 +46,7 @@ class RewardBatch:
     # whether each rewrite was searched as the question alone (a copy, or a first turn; a malformed response is
     # not searched and is no copy)
     copies: list[bool] = field(default_factory=list)
+    terms: dict[str, list[float | None]] = field(default_factory=dict)  # each reward term's values, unweighted
 
 
 def reward_statistics(batch: RewardBatch, group_size: int) -> dict[str, float]:
@@ -60,6 +62,8 @@ def reward_statistics(batch: RewardBatch, group_size: int) -> dict[str, float]:
     }
     if batch.copies:
         stats["copy_rate"] = sum(batch.copies) / n
+    for name, values in batch.terms.items():
+        stats[f"reward_{term_key(name)}"] = sum(v or 0.0 for v in values) / n
     buckets = [rank_bucket(r) for r in valid_ranks]
     for label, _, _ in RANK_BUCKETS:
         stats[f"gold_{label}"] = buckets.count(label) / n
@@ -86,6 +90,14 @@ def open_reward_retriever(retriever_cfg, corpus_path: str | None, max_query_word
         ) from err
 
 
+def term_key(name: str) -> str:
+    """A reward term's name as a metric-name fragment ('mrr@3' -> 'mrr_at_3', 'pkg.mod:fn' -> 'pkg_mod_fn')."""
+    return name.replace("@", "_at_").replace(":", "_").replace(".", "_")
+
+
+SPEC_REWARD = ({"name": "rank_incentive", "weight": 1.0}, {"name": "format", "weight": 1.0})
+
+
 class RetrievalScorer:
     """Judges rewrites by where the retriever ranks a gold passage, searching them as `plan` says."""
 
@@ -93,14 +105,13 @@ class RetrievalScorer:
         self,
         retriever: Retriever,
         plan: SearchPlan | None = None,
-        reward: str = "rank_incentive",
+        rewards: list[WeightedTerm] | None = None,
         response_format: str = THINK_REWRITE,
         depth: int = 100,
     ):
         self.retriever = retriever
         self.plan = plan or SearchPlan()
-        self.reward_name = reward
-        self.reward_fn = get_reward_function(reward)
+        self.rewards = rewards if rewards is not None else weighted_terms(SPEC_REWARD)
         self.response_format = response_format
         self.depth = depth
         self.last: tuple[list[Turn], list[str], RewardBatch] | None = None
@@ -129,14 +140,17 @@ class RetrievalScorer:
             found = self.best_ranks([parsed[i].rewrite for i in scored], [turns[i] for i in scored])
             for i, rank in zip(scored, found, strict=True):
                 ranks[i] = rank
+        rewrites, format_ok = [p.rewrite for p in parsed], [p.format_ok for p in parsed]
+        terms = {term.name: term.fn(rewrites, ranks, format_ok, list(turns)) for term in self.rewards}
         batch = RewardBatch(
-            rewards=[self.reward_fn(rank, p.format_ok) for rank, p in zip(ranks, parsed, strict=True)],
+            rewards=combine_terms(terms, {term.name: term.weight for term in self.rewards}),
             ranks=ranks,
-            format_ok=[p.format_ok for p in parsed],
-            rewrites=[p.rewrite for p in parsed],
+            format_ok=format_ok,
+            rewrites=rewrites,
             copies=[
                 p.rewrite is not None and self.plan.as_asked(t, p.rewrite) for p, t in zip(parsed, turns, strict=True)
             ],
+            terms=terms,
         )
         self.last = (list(turns), list(responses), batch)
         return batch

@@ -122,15 +122,17 @@ def open_stage_retriever(cfg: DictConfig):
     return open_reward_retriever(cfg.retriever, cfg.data.corpus, cfg.train_max_query_words)
 
 
-def stage_scorer(cfg: DictConfig, retriever, reward: str = "rank_incentive"):
-    """The RetrievalScorer a stage judges rewrites with: its retriever, `search` plan and reward."""
+def stage_scorer(cfg: DictConfig, retriever, rewards=None):
+    """The RetrievalScorer a stage judges rewrites with: its retriever, `search` plan and reward terms
+    (`rl.rewards` entries; None: SPEC's reward)."""
+    from cqr_lightning.grpo.reward_terms import weighted_terms
     from cqr_lightning.scoring import RetrievalScorer
     from cqr_lightning.search import SearchPlan
 
     return RetrievalScorer(
         retriever,
         SearchPlan.from_config(cfg.get("search")),
-        reward=reward,
+        rewards=weighted_terms(OmegaConf.to_container(rewards, resolve=True)) if rewards is not None else None,
         response_format=cfg.response_format,
         depth=int(cfg.retriever.get("k", 100)),
     )
@@ -306,7 +308,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         load_adapter(policy, adapter, trainable=False, adapter_name=REFERENCE_ADAPTER)
         policy.set_adapter("default")
     with open_stage_retriever(cfg) as retriever:  # one retriever for the turn filter, rewards and validation
-        scorer = stage_scorer(cfg, retriever, reward=r.reward)
+        scorer = stage_scorer(cfg, retriever, rewards=r.rewards)
         module = RLModule(
             policy,
             tokenizer,

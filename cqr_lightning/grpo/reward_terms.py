@@ -1,0 +1,92 @@
+"""GRPO rewards as a weighted sum of terms (`rl.rewards` in conf/rl/default.yaml).
+
+A term is a function of what the scorer knows about each response, all lists of the same length:
+
+    term(rewrites, ranks, format_ok, turns) -> list[float | None]
+
+`rewrites[i]` is the rewrite read from response i (None when it has none), `ranks[i]` the best gold rank of the
+search it was scored with (None when no gold passage is in the top 100, or when the response was malformed and not
+searched), `format_ok[i]` the format check, `turns[i]` the turn (question, history, positives...). None means "no
+opinion" and counts as 0 in the sum. The reward is sum(weight * term). The default, a `rank_incentive` term and a
+`format` term of weight 1, equals SPEC's reward exactly: the rank-incentive value of a well-formed response, -0.1
+for a malformed one.
+
+A new reward is one function with that signature plus one entry in `rl.rewards`: either a name registered in
+`REWARD_TERMS` or the function's import path (`package.module:function`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.grpo.rewards import FORMAT_FAILURE_REWARD, REWARD_FUNCTIONS, RewardFunction
+from cqr_lightning.records import Turn
+
+RewardTerm = Callable[[Sequence[str | None], Sequence[int | None], Sequence[bool], Sequence[Turn]], list[float | None]]
+
+
+def rank_term(shape: RewardFunction) -> RewardTerm:
+    """A term worth `shape(rank)` for each well-formed response and nothing for a malformed one."""
+
+    def term(rewrites, ranks, format_ok, turns) -> list[float | None]:
+        return [shape(rank, True) if ok else None for rank, ok in zip(ranks, format_ok, strict=True)]
+
+    term.__name__ = f"rank_term_{shape.__name__}"
+    return term
+
+
+def format_term(rewrites, ranks, format_ok, turns) -> list[float | None]:
+    """SPEC's format penalty: -0.1 for a response that fails the format check, 0 otherwise."""
+    return [0.0 if ok else FORMAT_FAILURE_REWARD for ok in format_ok]
+
+
+REWARD_TERMS: dict[str, RewardTerm] = {name: rank_term(fn) for name, fn in REWARD_FUNCTIONS.items()}
+REWARD_TERMS["format"] = format_term
+
+
+@dataclass(frozen=True)
+class WeightedTerm:
+    name: str
+    weight: float
+    fn: RewardTerm
+
+
+def resolve_term(name: str) -> RewardTerm:
+    """A registered term, or a function given by its import path `package.module:function`."""
+    if name in REWARD_TERMS:
+        return REWARD_TERMS[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"rl.rewards: cannot import reward term '{name}': {err}") from None
+        if callable(fn):
+            return fn
+    valid = ", ".join(sorted(REWARD_TERMS))
+    raise ConfigError(f"rl.rewards: unknown reward term '{name}'; use one of {valid} or 'package.module:function'")
+
+
+def weighted_terms(entries) -> list[WeightedTerm]:
+    """`rl.rewards` entries ({name, weight}) as resolved terms; at least one, with finite weights."""
+    terms = []
+    for entry in entries or []:
+        name, weight = str(entry["name"]), float(entry.get("weight", 1.0))
+        if weight != weight or weight in (float("inf"), float("-inf")):
+            raise ConfigError(f"rl.rewards: the weight of '{name}' must be a finite number, got {weight}")
+        terms.append(WeightedTerm(name, weight, resolve_term(name)))
+    if not terms:
+        raise ConfigError("rl.rewards is empty: give at least one term, e.g. [{name: rank_incentive, weight: 1.0}]")
+    return terms
+
+
+def combine_terms(values: dict[str, list[float | None]], weights: dict[str, float]) -> list[float]:
+    """sum over terms of weight * value per response; None counts as 0."""
+    lengths = {len(v) for v in values.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"reward terms returned lists of different lengths: {sorted(lengths)}")
+    (n,) = lengths
+    return [sum(weights[name] * (vals[i] or 0.0) for name, vals in values.items()) for i in range(n)]

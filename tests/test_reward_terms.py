@@ -1,0 +1,72 @@
+"""GRPO rewards as weighted terms: SPEC's reward by default, and a new reward as one function plus one config entry."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from cqr_lightning.errors import ConfigError
+from cqr_lightning.grpo.reward_terms import REWARD_TERMS, combine_terms, weighted_terms
+from cqr_lightning.grpo.rewards import rank_incentive_reward
+from cqr_lightning.records import Turn
+from cqr_lightning.retrieval.factory import open_retriever
+from cqr_lightning.scoring import SPEC_REWARD, RetrievalScorer, reward_statistics
+
+RANKS = [1, 2, 10, 11, 57, 100, None, 3, None]
+FORMAT_OK = [True, True, True, True, True, True, True, False, False]
+
+
+def test_default_terms_sum_to_the_spec_reward():
+    terms = weighted_terms(SPEC_REWARD)
+    n = len(RANKS)
+    values = {t.name: t.fn(["w"] * n, RANKS, FORMAT_OK, [None] * n) for t in terms}
+    total = combine_terms(values, {t.name: t.weight for t in terms})
+    assert total == pytest.approx([rank_incentive_reward(r, ok) for r, ok in zip(RANKS, FORMAT_OK, strict=True)])
+    assert total[-2:] == [-0.1, -0.1]
+
+
+def test_weights_scale_each_term_and_none_counts_as_zero():
+    values = {"a": [1.0, None, 2.0], "b": [0.5, 0.5, None]}
+    assert combine_terms(values, {"a": 2.0, "b": -1.0}) == [1.5, -0.5, 4.0]
+    with pytest.raises(ValueError, match="different lengths"):
+        combine_terms({"a": [1.0], "b": [1.0, 2.0]}, {"a": 1.0, "b": 1.0})
+
+
+def test_bad_reward_settings_name_the_setting():
+    with pytest.raises(ConfigError, match="unknown reward term 'mrr'"):
+        weighted_terms([{"name": "mrr"}])
+    with pytest.raises(ConfigError, match="cannot import reward term 'nowhere.at_all:fn'"):
+        weighted_terms([{"name": "nowhere.at_all:fn"}])
+    with pytest.raises(ConfigError, match="rl.rewards is empty"):
+        weighted_terms([])
+    with pytest.raises(ConfigError, match="finite number"):
+        weighted_terms([{"name": "format", "weight": float("nan")}])
+    assert set(REWARD_TERMS) == {"rank_incentive", "mrr@3", "ndcg@3", "recall@10", "recall@100", "format"}
+
+
+BREVITY = '''
+def brevity(rewrites, ranks, format_ok, turns):
+    """A user's own term: minus the number of words beyond the question's, None without a rewrite."""
+    return [None if w is None else -max(0, len(w.split()) - len(t.question.split())) for w, t in zip(rewrites, turns)]
+'''
+
+
+def test_a_new_reward_is_one_function_and_one_config_entry(tmp_path, monkeypatch, bm25s_cfg, data_cfg):
+    (tmp_path / "my_rewards.py").write_text(BREVITY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entries = OmegaConf.create({"rewards": [*SPEC_REWARD, {"name": "my_rewards:brevity", "weight": 0.5}]})
+    terms = weighted_terms(OmegaConf.to_container(entries.rewards))
+    turn = Turn(id="t", history=(), question="When did the Tokyo Tower open?", positives=("tokyo-2",))
+    responses = [
+        "<rewrite> When did the Tokyo Tower open? </rewrite>",
+        "<rewrite> When did the Tokyo Tower open in Japan, the lattice tower? </rewrite>",
+        "no tags at all",
+    ]
+    with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as retriever:
+        spec = RetrievalScorer(retriever, response_format="rewrite_only").score([turn] * 3, responses)
+        batch = RetrievalScorer(retriever, rewards=terms, response_format="rewrite_only").score([turn] * 3, responses)
+    assert batch.terms["my_rewards:brevity"] == [0, -5, None]
+    assert batch.rewards == pytest.approx([spec.rewards[0], spec.rewards[1] - 2.5, -0.1])
+    stats = reward_statistics(batch, group_size=3)
+    assert stats["reward_my_rewards_brevity"] == pytest.approx(-5 / 3)
+    assert stats["reward_format"] == pytest.approx(-0.1 / 3)
