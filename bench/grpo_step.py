@@ -135,6 +135,7 @@ def main() -> None:
     from cqr_lightning.models.loading import load_policy, load_tokenizer
     from cqr_lightning.modules.rl import RLModule
     from cqr_lightning.scoring import RetrievalScorer, open_reward_retriever
+    from cqr_lightning.search import SearchPlan
     from data_modules.conversations import ConversationDataModule
 
     model_dir = build_model_dir(args.data, args.model_dir)
@@ -158,7 +159,7 @@ def main() -> None:
         lr=1e-5,
         fast_sampling=args.fast,
         static_decoding=args.static,
-        scorer=RetrievalScorer(retriever),
+        scorer=RetrievalScorer(retriever, SearchPlan("rewrite", first_turn_as_asked=False)),  # as TRL's reward
     )
     data_dir = long_context_split(args.data) if args.long_context else args.data
     data_cfg = OmegaConf.create(
