@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
 from cqr_lightning.config import CONF_DIR, register_resolvers
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.run_settings import check_run_settings
 
 log = logging.getLogger(__name__)
 STAGES = ("pipeline", "warmup", "rl")
@@ -29,6 +30,7 @@ def run(cfg: DictConfig):
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_settings(cfg, run_dir)
     if cfg.stage == "warmup":
         return stages.run_warmup(cfg, run_dir)
     if cfg.stage == "rl":

@@ -115,6 +115,7 @@ class RetrievalScorer:
         self.response_format = response_format
         self.depth = depth
         self.last: tuple[list[Turn], list[str], RewardBatch] | None = None
+        self._question_ranks: dict[str, int | None] = {}
 
     def rankings(self, turns: Sequence[Turn], rewrites: Sequence[str | None]):
         """Each turn's ranking; a failing retriever stops training with a clear error."""
@@ -141,7 +142,8 @@ class RetrievalScorer:
             for i, rank in zip(scored, found, strict=True):
                 ranks[i] = rank
         rewrites, format_ok = [p.rewrite for p in parsed], [p.format_ok for p in parsed]
-        terms = {term.name: term.fn(rewrites, ranks, format_ok, list(turns)) for term in self.rewards}
+        context = {"question_ranks": self.question_ranks(turns)}
+        terms = {term.name: term.fn(rewrites, ranks, format_ok, list(turns), **context) for term in self.rewards}
         batch = RewardBatch(
             rewards=combine_terms(terms, {term.name: term.weight for term in self.rewards}),
             ranks=ranks,
@@ -154,6 +156,14 @@ class RetrievalScorer:
         )
         self.last = (list(turns), list(responses), batch)
         return batch
+
+    def question_ranks(self, turns: Sequence[Turn]) -> list[int | None]:
+        """Best gold rank of each turn's question searched as asked; searched once per turn id and remembered."""
+        missing = list({turn.id: turn for turn in turns if turn.id not in self._question_ranks}.values())
+        if missing:
+            found = self.best_ranks([None] * len(missing), missing)
+            self._question_ranks.update((turn.id, rank) for turn, rank in zip(missing, found, strict=True))
+        return [self._question_ranks[turn.id] for turn in turns]
 
     def evaluate(self, turns: Sequence[Turn], rewrites: Sequence[str | None]) -> list[TurnResult]:
         """Per-turn ranks and metrics of the rewrites, searched as the plan says."""

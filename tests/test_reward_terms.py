@@ -19,7 +19,7 @@ FORMAT_OK = [True, True, True, True, True, True, True, False, False]
 def test_default_terms_sum_to_the_spec_reward():
     terms = weighted_terms(SPEC_REWARD)
     n = len(RANKS)
-    values = {t.name: t.fn(["w"] * n, RANKS, FORMAT_OK, [None] * n) for t in terms}
+    values = {t.name: t.fn(["w"] * n, RANKS, FORMAT_OK, [None] * n, question_ranks=[1] * n) for t in terms}
     total = combine_terms(values, {t.name: t.weight for t in terms})
     assert total == pytest.approx([rank_incentive_reward(r, ok) for r, ok in zip(RANKS, FORMAT_OK, strict=True)])
     assert total[-2:] == [-0.1, -0.1]
@@ -41,11 +41,12 @@ def test_bad_reward_settings_name_the_setting():
         weighted_terms([])
     with pytest.raises(ConfigError, match="finite number"):
         weighted_terms([{"name": "format", "weight": float("nan")}])
-    assert set(REWARD_TERMS) == {"rank_incentive", "mrr@3", "ndcg@3", "recall@10", "recall@100", "format"}
+    names = {"rank_incentive", "mrr@3", "ndcg@3", "recall@10", "recall@100", "format", "below_question"}
+    assert set(REWARD_TERMS) == names
 
 
 BREVITY = '''
-def brevity(rewrites, ranks, format_ok, turns):
+def brevity(rewrites, ranks, format_ok, turns, **context):
     """A user's own term: minus the number of words beyond the question's, None without a rewrite."""
     return [None if w is None else -max(0, len(w.split()) - len(t.question.split())) for w, t in zip(rewrites, turns)]
 '''
@@ -70,3 +71,30 @@ def test_a_new_reward_is_one_function_and_one_config_entry(tmp_path, monkeypatch
     stats = reward_statistics(batch, group_size=3)
     assert stats["reward_my_rewards_brevity"] == pytest.approx(-5 / 3)
     assert stats["reward_format"] == pytest.approx(-0.1 / 3)
+
+
+def test_below_question_costs_only_what_the_rewrite_loses_against_the_question():
+    from cqr_lightning.grpo.reward_terms import below_question_term
+
+    ranks = [3, 1, None, 20, 4]
+    ok = [True, True, True, True, False]
+    question_ranks = [1, 5, 2, None, 1]
+    values = below_question_term([None] * 5, ranks, ok, [None] * 5, question_ranks=question_ranks)
+    # rank 3 after the question's 1: RIRS 2 - 16/9 lost; better than the question: 0; lost from rank 2 to
+    # nowhere: the whole 2 - 1/9; no gold for the question: nothing to lose; malformed: no opinion
+    assert values == pytest.approx([-(2 / 9), 0.0, -(2 - 1 / 9), 0.0, None])
+
+
+def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, data_cfg):
+    from cqr_lightning.readers import read_jsonl_turns
+
+    turns = list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))
+    terms = weighted_terms([*SPEC_REWARD, {"name": "below_question", "weight": 1.0}])
+    with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as retriever:
+        scorer = RetrievalScorer(retriever, rewards=terms, response_format="rewrite_only")
+        asked = retriever.best_gold_ranks([t.question for t in turns], [t.positives for t in turns])
+        assert scorer.question_ranks(turns) == asked
+        responses = [f"<rewrite> {t.question} </rewrite>" for t in turns]  # copies: never below the question
+        batch = scorer.score(turns, responses)
+    assert batch.terms["below_question"] == [0.0] * len(turns)
+    assert batch.rewards == pytest.approx([rank_incentive_reward(r, True) for r in asked])

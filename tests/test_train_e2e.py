@@ -287,3 +287,20 @@ def test_rl_with_the_turn_filter_trains_only_on_turns_the_question_does_not_solv
         table = json.loads(Path(path).read_text())
         trained |= {row[table["columns"].index("turn_id")] for row in table["data"]}
     assert trained == {"vague_1", "vague_2"} and not trained & skipped
+
+
+def test_a_run_folder_refuses_other_settings_and_names_them(fixture_data_dir, tmp_path):
+    from cqr_lightning.run_settings import SETTINGS_FILE, check_run_settings
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    base = tiny_overrides(fixture_data_dir, run_dir, tmp_path / "m.db")
+    check_run_settings(compose_train(base), run_dir)
+    assert (run_dir / SETTINGS_FILE).is_file()
+    # the same recipe, reported elsewhere, checkpointed and validated differently: a resume, accepted
+    same = [*base, "stage=rl", "data.eval_split=train", "rl.checkpoint_every_n_steps=7", "logger=none", "eval.limit=1"]
+    check_run_settings(compose_train(same), run_dir)
+    with pytest.raises(ConfigError, match=r"rl.lr: 5e-05 -> 0.001; rl.max_steps: 3 -> 8.*another run_dir"):
+        check_run_settings(compose_train([*base, "rl.max_steps=8", "rl.lr=1e-3"]), run_dir)
+    with pytest.raises(ConfigError, match="search.query_mode: 'question_rewrite' -> 'rewrite'"):
+        check_run_settings(compose_train([*base, "search.query_mode=rewrite"]), run_dir)

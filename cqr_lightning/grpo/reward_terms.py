@@ -2,12 +2,13 @@
 
 A term is a function of what the scorer knows about each response, all lists of the same length:
 
-    term(rewrites, ranks, format_ok, turns) -> list[float | None]
+    term(rewrites, ranks, format_ok, turns, **context) -> list[float | None]
 
 `rewrites[i]` is the rewrite read from response i (None when it has none), `ranks[i]` the best gold rank of the
 search it was scored with (None when no gold passage is in the top 100, or when the response was malformed and not
-searched), `format_ok[i]` the format check, `turns[i]` the turn (question, history, positives...). None means "no
-opinion" and counts as 0 in the sum. The reward is sum(weight * term). The default, a `rank_incentive` term and a
+searched), `format_ok[i]` the format check, `turns[i]` the turn (question, history, positives...). `context` holds
+`question_ranks` (the best gold rank of each turn's question searched as asked). None means "no opinion" and
+counts as 0 in the sum. The reward is sum(weight * term). The default, a `rank_incentive` term and a
 `format` term of weight 1, equals SPEC's reward exactly: the rank-incentive value of a well-formed response, -0.1
 for a malformed one.
 
@@ -18,33 +19,43 @@ A new reward is one function with that signature plus one entry in `rl.rewards`:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cqr_lightning.errors import ConfigError
-from cqr_lightning.grpo.rewards import FORMAT_FAILURE_REWARD, REWARD_FUNCTIONS, RewardFunction
-from cqr_lightning.records import Turn
+from cqr_lightning.grpo.rewards import FORMAT_FAILURE_REWARD, REWARD_FUNCTIONS, RewardFunction, rank_incentive_reward
 
-RewardTerm = Callable[[Sequence[str | None], Sequence[int | None], Sequence[bool], Sequence[Turn]], list[float | None]]
+RewardTerm = Callable[..., list[float | None]]  # (rewrites, ranks, format_ok, turns, **context)
 
 
 def rank_term(shape: RewardFunction) -> RewardTerm:
     """A term worth `shape(rank)` for each well-formed response and nothing for a malformed one."""
 
-    def term(rewrites, ranks, format_ok, turns) -> list[float | None]:
+    def term(rewrites, ranks, format_ok, turns, **context) -> list[float | None]:
         return [shape(rank, True) if ok else None for rank, ok in zip(ranks, format_ok, strict=True)]
 
     term.__name__ = f"rank_term_{shape.__name__}"
     return term
 
 
-def format_term(rewrites, ranks, format_ok, turns) -> list[float | None]:
+def format_term(rewrites, ranks, format_ok, turns, **context) -> list[float | None]:
     """SPEC's format penalty: -0.1 for a response that fails the format check, 0 otherwise."""
     return [0.0 if ok else FORMAT_FAILURE_REWARD for ok in format_ok]
 
 
+def below_question_term(rewrites, ranks, format_ok, turns, question_ranks, **context) -> list[float | None]:
+    """How much rank-incentive reward a well-formed rewrite loses against the question searched as asked, as a
+    non-positive value: -max(0, RIRS(question rank) - RIRS(rank)). With a positive weight it makes pushing a gold
+    passage below where the question alone put it cost more than the same rank reached from a worse start."""
+    return [
+        -max(0.0, rank_incentive_reward(q, True) - rank_incentive_reward(r, True)) if ok else None
+        for r, ok, q in zip(ranks, format_ok, question_ranks, strict=True)
+    ]
+
+
 REWARD_TERMS: dict[str, RewardTerm] = {name: rank_term(fn) for name, fn in REWARD_FUNCTIONS.items()}
 REWARD_TERMS["format"] = format_term
+REWARD_TERMS["below_question"] = below_question_term
 
 
 @dataclass(frozen=True)
