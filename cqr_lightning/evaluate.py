@@ -3,8 +3,10 @@
     python -m cqr_lightning.evaluate data=jsonl data.dir=../shared/data/convsearch-pack \
         data.eval_split=dev retriever=bm25s rewriter=raw output_dir=OUT
 
-Prints a table, writes `<output_dir>/metrics.json` and `<output_dir>/rewrites.jsonl` (query, best
-gold rank, metrics per turn) and logs params, metrics and both files to MLflow.
+Prints a table, writes `<output_dir>/metrics.json`, `<output_dir>/rewrites.jsonl` (query, best gold rank,
+metrics per turn) and `<output_dir>/config.yaml` (the settings as run) and logs params, metrics and both files to
+MLflow. With `rewriter=model model.adapter=PATH`, the settings recorded in `PATH/cqr_rewriter.json` (base model,
+response format, prompt budgets, search plan) replace the config's; keys given on the command line win.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summ
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.readers import turn_reader
 from cqr_lightning.records import Turn
+from cqr_lightning.rewriter_card import hydra_command_line_keys, with_adapter_card
 from cqr_lightning.rewriters import FileRewriter, HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
 from cqr_lightning.search import SearchPlan
 
@@ -101,6 +104,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     metrics["query_mode"] = plan.query_mode
     metrics["seconds"] = time.perf_counter() - started
     write_json(output_dir / "metrics.json", metrics)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # as run, adapter settings included
     write_jsonl(output_dir / "rewrites.jsonl", (r.to_json() for r in results))
     label = f"{cfg.rewriter.name} / {cfg.retriever.name} / {plan.query_mode} / {cfg.data.eval_split}"
     print(format_table({label: metrics}))
@@ -128,6 +132,8 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    if cfg.rewriter.name == "model":  # an adapter is used as it was trained, unless the command line says otherwise
+        cfg = with_adapter_card(cfg, hydra_command_line_keys())
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     run_evaluation(cfg)
 
