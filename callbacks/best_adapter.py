@@ -10,9 +10,11 @@ from cqr_lightning.io_utils import write_json
 
 
 class BestAdapterCallback(L.Callback):
-    def __init__(self, dirpath: str, monitor: str = "val/mrr_at_3"):
+    def __init__(self, dirpath: str, monitor: str = "val/mrr_at_3", tokenizer=None, card: dict | None = None):
         self.dirpath = Path(dirpath)
         self.monitor = monitor
+        self.tokenizer = tokenizer  # saved beside the weights, with the card (cqr_rewriter.json), when given
+        self.card = card
         self.best: float | None = None
 
     @property
@@ -27,7 +29,7 @@ class BestAdapterCallback(L.Callback):
             from cqr_lightning.models.loading import save_adapter
 
             self.best = value
-            save_adapter(pl_module.policy, self.path)
+            save_adapter(pl_module.policy, self.path, tokenizer=self.tokenizer, card=self.card)
             write_json(self.dirpath / "best_adapter.json", {self.monitor: value, "step": trainer.global_step})
 
     def state_dict(self) -> dict:

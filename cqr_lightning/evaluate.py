@@ -3,8 +3,11 @@
     python -m cqr_lightning.evaluate data=jsonl data.dir=../shared/data/convsearch-pack \
         data.eval_split=dev retriever=bm25s rewriter=raw output_dir=OUT
 
-Prints a table, writes `<output_dir>/metrics.json` and `<output_dir>/rewrites.jsonl` (query, best
-gold rank, metrics per turn) and logs params, metrics and both files to MLflow.
+Prints a table, writes `<output_dir>/metrics.json`, `<output_dir>/rewrites.jsonl` (query, best gold rank,
+metrics per turn), `<output_dir>/run.trec` and `qrels.trec` (TREC run and qrels: trec_eval on them gives
+metrics.json's figures) and `<output_dir>/config.yaml` (the settings as run) and logs params, metrics and the files
+to MLflow. With `rewriter=model model.adapter=PATH`, the settings recorded in `PATH/cqr_rewriter.json` (base model,
+response format, prompt budgets, search plan) replace the config's; keys given on the command line win.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, register_resolvers
+from cqr_lightning.errors import DataError
 from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize
 from cqr_lightning.io_utils import write_json, write_jsonl
-from cqr_lightning.readers import turn_reader
+from cqr_lightning.readers import split_path, turn_reader
 from cqr_lightning.records import Turn
+from cqr_lightning.rewriter_card import hydra_command_line_keys, with_adapter_card
 from cqr_lightning.rewriters import FileRewriter, HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
 from cqr_lightning.search import SearchPlan
+from cqr_lightning.trec import qrels_lines, run_lines, write_lines
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,24 @@ def load_turns(cfg: DictConfig, split: str) -> list[Turn]:
     known_ids = read_corpus_ids(cfg.data.corpus) if cfg.data.get("check_positives", True) else None
     turns = turn_reader(cfg.data, split, known_ids)()
     return list(itertools.islice(turns, cfg.limit) if cfg.get("limit") else turns)
+
+
+def check_judged(turns: list[Turn], path: Path) -> None:
+    """Stop when no turn has a gold passage (the metrics would be 0 over n=0); warn when some have none."""
+    unjudged = sum(not turn.positives for turn in turns)
+    if unjudged == len(turns):
+        raise DataError(
+            path,
+            f"none of the {len(turns)} turns has a positive passage, so there is nothing to score; to rewrite "
+            f"turns without gold passages, use `python -m cqr_lightning.rewrite model.adapter=ADAPTER input={path}`",
+        )
+    if unjudged:
+        log.warning(
+            "%d of %d turns have no positive passage: the metrics average the other %d",
+            unjudged,
+            len(turns),
+            len(turns) - unjudged,
+        )
 
 
 def build_rewriter(cfg: DictConfig):
@@ -84,6 +108,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     turns = load_turns(cfg, cfg.data.eval_split)
     if not turns:
         raise ValueError(f"no turns to evaluate in split '{cfg.data.eval_split}' of {cfg.data.dir}")
+    check_judged(turns, split_path(cfg.data, cfg.data.eval_split))
     started = time.perf_counter()
     rewriter = build_rewriter(cfg)
     rewrites = rewrite_all(rewriter, turns, int(cfg.rewriter.get("batch_size", 256)))
@@ -101,10 +126,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     metrics["query_mode"] = plan.query_mode
     metrics["seconds"] = time.perf_counter() - started
     write_json(output_dir / "metrics.json", metrics)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # as run, adapter settings included
     write_jsonl(output_dir / "rewrites.jsonl", (r.to_json() for r in results))
+    tag = f"cqr_{cfg.rewriter.name}_{plan.query_mode}"
+    write_lines(output_dir / "run.trec", run_lines(((r.turn_id, r.top_ids, r.top_scores) for r in results), tag))
+    write_lines(output_dir / "qrels.trec", qrels_lines(turns))
     label = f"{cfg.rewriter.name} / {cfg.retriever.name} / {plan.query_mode} / {cfg.data.eval_split}"
     print(format_table({label: metrics}))
-    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'rewrites.jsonl'}")
+    print(f"wrote metrics.json, rewrites.jsonl, run.trec and qrels.trec to {output_dir}")
     if cfg.logger.enabled:
         log_to_mlflow(cfg, metrics, results, output_dir)
     return metrics
@@ -121,13 +150,15 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
         mlflow.log_params(flatten_params(cfg))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         mlflow.log_metrics({metric_key(f"eval/{k}"): v for k, v in numeric.items()})
-        mlflow.log_artifact(str(output_dir / "metrics.json"))
-        mlflow.log_artifact(str(output_dir / "rewrites.jsonl"))
+        for name in ("metrics.json", "rewrites.jsonl", "run.trec", "qrels.trec"):
+            mlflow.log_artifact(str(output_dir / name))
         log.info("MLflow run %s in %s", run.info.run_id, cfg.logger.tracking_uri)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    if cfg.rewriter.name == "model":  # an adapter is used as it was trained, unless the command line says otherwise
+        cfg = with_adapter_card(cfg, hydra_command_line_keys())
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     run_evaluation(cfg)
 

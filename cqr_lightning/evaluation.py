@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_metrics
 from cqr_lightning.records import Turn
@@ -24,6 +24,7 @@ class TurnResult:
     as_asked: bool = False  # searched with the question as asked (first turn, copy or no rewrite)
     response: str | None = None
     format_ok: bool | None = None
+    top_scores: list[float] = field(default_factory=list)  # the retriever's (or fused) scores of top_ids
 
     def to_json(self) -> dict:
         return {
@@ -52,6 +53,7 @@ def results_from_rankings(
             query=plan.describe(turn, rewrite),
             best_rank=best_gold_rank(hits, turn.positives),
             top_ids=ids[turn.id],
+            top_scores=[hit.score for hit in hits],
             metrics=metrics.get(turn.id, {}),
             rewrite=rewrite,
             as_asked=plan.as_asked(turn, rewrite),

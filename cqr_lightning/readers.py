@@ -128,8 +128,13 @@ def _require_text(value: str, what: str, path: Path, line: int) -> str:
     return value
 
 
-def read_jsonl_turns(path: str | Path, known_ids: Container[str] | None = None) -> Iterator[Turn]:
-    """Turns in the project's JSONL form: id, history [{role, text}], question, positives, rewrite?, answer?"""
+def read_jsonl_turns(
+    path: str | Path, known_ids: Container[str] | None = None, positives_optional: bool = False
+) -> Iterator[Turn]:
+    """Turns in the project's JSONL form: id, history [{role, text}], question, positives, rewrite?, answer?
+
+    `positives` is required (a list, possibly empty) unless `positives_optional`, for turns that are only rewritten
+    (`python -m cqr_lightning.rewrite`): a missing or null `positives` then reads as none."""
     path = Path(path)
     for line, obj in iter_jsonl_objects(path):
         turn_id = str(_field(obj, "id", (str, int), path, line))
@@ -139,7 +144,7 @@ def read_jsonl_turns(path: str | Path, known_ids: Container[str] | None = None) 
                 raise DataError(path, f"history[{i}] must be {{'role': 'user'|'assistant', 'text': str}}", line)
             text = _field(item, "text", str, path, line)
             history.append(Utterance(item["role"], _require_text(text, f"history[{i}].text", path, line)))
-        positives = _field(obj, "positives", list, path, line)
+        positives = _field(obj, "positives", list, path, line, optional=positives_optional) or []
         if not all(isinstance(p, (str, int)) for p in positives):
             raise DataError(path, "field 'positives' must list passage ids", line)
         turn = Turn(

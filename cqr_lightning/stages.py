@@ -29,6 +29,7 @@ from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
+from cqr_lightning.rewriter_card import rewriter_card
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -272,7 +273,10 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             w,
             stage_dir,
             logger,
-            [TrainingCurvesCallback(str(stage_dir), "train/loss"), BestAdapterCallback(str(stage_dir))],
+            [
+                TrainingCurvesCallback(str(stage_dir), "train/loss"),
+                BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens)),
+            ],
             max_steps=total_steps,
             gradient_clip_val=w.gradient_clip_val,
             accumulate_grad_batches=w.accumulate_grad_batches,
@@ -285,7 +289,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         write_json(stage_dir / "val_after.json", after[0] if after else {})
     from cqr_lightning.models.loading import save_adapter
 
-    save_adapter(policy, final_adapter(stage_dir))
+    save_adapter(policy, final_adapter(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens))
     log_artifacts(logger, final_adapter(stage_dir))
     return final_adapter(stage_dir)
 
@@ -351,12 +355,13 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
             [
                 RolloutTableCallback(r.table_every_n_steps),
                 TrainingCurvesCallback(str(stage_dir)),
-                BestAdapterCallback(str(stage_dir)),
+                BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, r.max_new_tokens)),
             ],
             max_steps=r.max_steps,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    save_adapter(policy, final_adapter(stage_dir), adapter_name="default")
+    card = rewriter_card(cfg, r.max_new_tokens)
+    save_adapter(policy, final_adapter(stage_dir), adapter_name="default", tokenizer=tokenizer, card=card)
     log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
     return final_adapter(stage_dir)
 

@@ -126,3 +126,50 @@ def bm25s_cfg(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_cfg():
     return OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+
+
+def make_training_cfg(compute_dtype: str = "bfloat16", **search):
+    """What an adapter's card is made from: the tiny model unquantized, rewrite_only, searched as question + rewrite."""
+    model = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+    model.load_in_4bit = False
+    model.compute_dtype = compute_dtype
+    model.max_prompt_length = 200
+    plan = {"query_mode": "question_rewrite", "first_turn_as_asked": True, "fusion_k": 60, **search}
+    return OmegaConf.create({"model": model, "response_format": "rewrite_only", "search": plan})
+
+
+def save_tiny_rewriter(folder: Path, compute_dtype: str = "bfloat16"):
+    """A tiny-model adapter (moved away from the no-op start) saved with its tokenizer and card (8 new tokens);
+    returns its folder, the policy and the tokenizer."""
+    import torch
+
+    from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
+    from cqr_lightning.rewriter_card import rewriter_card
+
+    cfg = make_training_cfg(compute_dtype)
+    policy, tokenizer = load_policy(cfg.model, trainable=False), load_tokenizer(cfg.model)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    path = save_adapter(policy, folder, tokenizer=tokenizer, card=rewriter_card(cfg, max_new_tokens=8))
+    return path, policy, tokenizer
+
+
+@pytest.fixture
+def training_cfg():
+    """`make_training_cfg`, to call with search settings."""
+    return make_training_cfg
+
+
+@pytest.fixture
+def rewriter_saver(tmp_path, monkeypatch):
+    """`save_tiny_rewriter`, with a model cache of the test's own."""
+    monkeypatch.setenv("CQR_CACHE_DIR", str(tmp_path / "cache"))
+    return save_tiny_rewriter
+
+
+@pytest.fixture
+def saved_rewriter(tmp_path, rewriter_saver):
+    """A bf16 tiny-model adapter saved by `save_tiny_rewriter`: (folder, policy, tokenizer)."""
+    return rewriter_saver(tmp_path / "adapter")

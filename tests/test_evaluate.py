@@ -169,3 +169,86 @@ def test_saved_rewrites_missing_a_turn_or_malformed_name_the_file_and_line(fixtu
     cfg = evaluate_cfg(fixture_data_dir, tmp_path / "o", tmp_path / "m.db", "rewriter=file", f"rewriter.path={broken}")
     with pytest.raises(DataError, match=f"{broken}:2: malformed JSON"):
         run_evaluation(cfg)
+
+
+def read_trec_means(folder: Path, measures: set[str], cut: int | None = None) -> dict[str, float]:
+    """trec_eval's means (through pytrec_eval) from run.trec and qrels.trec alone; a judged query absent from the
+    run counts 0, as in metrics.json. `cut` keeps each query's first `cut` ranks."""
+    import pytrec_eval
+
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (folder / "qrels.trec").read_text().splitlines():
+        qid, _, docid, relevance = line.split()
+        qrels.setdefault(qid, {})[docid] = int(relevance)
+    run: dict[str, dict[str, float]] = {}
+    for line in (folder / "run.trec").read_text().splitlines():
+        qid, _, docid, rank, score, _ = line.split()
+        if cut is None or int(rank) <= cut:
+            run.setdefault(qid, {})[docid] = float(score)
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    return {m: sum(per_query.get(q, {}).get(m, 0.0) for q in qrels) / len(qrels) for m in measures}
+
+
+# queries that rank the dev turns' gold passages second, low, or not at all
+POOR_QUERIES = {"bee_1": "bee dance", "bee_2": "honey colonies queen", "piano_1": "Tokyo tower", "piano_2": "piano"}
+
+
+@pytest.mark.parametrize(("rewriter", "query_mode"), [("file", "rewrite"), ("history", "fusion"), ("file", "fusion")])
+def test_trec_run_and_qrels_give_the_figures_of_metrics_json(fixture_data_dir, tmp_path, rewriter, query_mode):
+    from cqr_lightning.retrieval.factory import open_retriever
+
+    out = tmp_path / query_mode
+    extra = [f"rewriter={rewriter}", f"search.query_mode={query_mode}", "logger=none"]
+    if rewriter == "file":
+        poor = tmp_path / "poor.jsonl"
+        poor.write_text("".join(json.dumps({"id": i, "rewrite": q}) + "\n" for i, q in POOR_QUERIES.items()))
+        extra += [f"rewriter.path={poor}", "search.first_turn_as_asked=false"]
+    cfg = evaluate_cfg(fixture_data_dir, out, tmp_path / "m.db", *extra)
+    metrics = run_evaluation(cfg)
+    if rewriter == "file" and query_mode == "rewrite":
+        assert metrics["mrr"] < 0.9 and metrics["recall@10"] < 1.0  # figures worth comparing
+    trec = read_trec_means(out, {"recip_rank", "ndcg_cut_3", "recall_10", "recall_100"})
+    expected = {"recip_rank": "mrr", "ndcg_cut_3": "ndcg@3", "recall_10": "recall@10", "recall_100": "recall@100"}
+    for measure, name in expected.items():
+        assert trec[measure] == pytest.approx(metrics[name], abs=1e-6), measure
+    assert read_trec_means(out, {"recip_rank"}, cut=3)["recip_rank"] == pytest.approx(metrics["mrr@3"], abs=1e-6)
+    assert (out / "qrels.trec").read_text().splitlines()[0] == "bee_1 0 bee-1 1"
+
+    lines = [line.split() for line in (out / "run.trec").read_text().splitlines()]
+    assert {len(parts) for parts in lines} == {6} and {parts[5] for parts in lines} == {f"cqr_{rewriter}_{query_mode}"}
+    rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+    second = rows[1]  # "How do they share where food is?", after a first turn
+    written = [(parts[2], float(parts[4])) for parts in lines if parts[0] == second["id"]]
+    assert [int(parts[3]) for parts in lines if parts[0] == second["id"]] == list(range(1, len(written) + 1))
+    assert [pid for pid, _ in written[:10]] == second["top10"]
+    assert all(a[1] > b[1] for a, b in zip(written, written[1:], strict=False))  # strictly decreasing
+    with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
+        if query_mode == "rewrite":
+            hits = retriever.search([second["query"]], k=100)[0]
+            assert written[0] == (hits[0].passage_id, hits[0].score)  # the retriever's own score
+        else:
+            question, rewrite = second["query"].split(" || ")
+            rankings = retriever.search([question, rewrite], k=100)
+            fused = sum(
+                1 / (60 + rank)
+                for ranking in rankings
+                for rank, hit in enumerate(ranking, start=1)
+                if hit.passage_id == written[0][0]
+            )
+            assert written[0][1] == pytest.approx(fused, abs=1e-12)  # the fused score
+
+
+def test_turns_without_positives_stop_evaluation_and_point_to_the_rewrite_command(fixture_data_dir, tmp_path):
+    from cqr_lightning.errors import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text((fixture_data_dir / "corpus.jsonl").read_text())
+    rows = [json.loads(line) for line in (fixture_data_dir / "dev.jsonl").read_text().splitlines()]
+    (data / "dev.jsonl").write_text("".join(json.dumps({**r, "positives": []}) + "\n" for r in rows))
+    cfg = evaluate_cfg(data, tmp_path / "o", tmp_path / "m.db", "rewriter=raw", "logger=none")
+    with pytest.raises(
+        DataError, match=r"none of the 4 turns has a positive passage.*python -m cqr_lightning\.rewrite"
+    ):
+        run_evaluation(cfg)
+    assert not (tmp_path / "o" / "metrics.json").exists()

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.rewriter_card import read_card
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,10 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     assert (run_dir / "rl" / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "rl" / "best_adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "rl" / "curves.png").is_file()
+    for folder in (adapter, run_dir / "rl" / "best_adapter"):  # self-describing: card and tokenizer beside weights
+        card = read_card(folder)
+        assert card["base_model"]["name_or_path"] == "tiny" and card["prompt"]["max_new_tokens"] == 12
+        assert card["prompt"]["response_format"] == cfg.response_format and (folder / "tokenizer.json").is_file()
 
     client, runs = mlflow_runs(tracking)
     by_stage = {}

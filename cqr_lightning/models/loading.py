@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.models import gguf, tiny
+from cqr_lightning.rewriter_card import write_card
 
 TINY = "tiny"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -368,9 +369,17 @@ def _write_adapter(model: PeftModel, directory: Path, adapter_name: str) -> Path
     return directory if adapter_name == "default" else directory / adapter_name
 
 
-def save_adapter(model: PeftModel, path: str | Path, adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: PeftModel,
+    path: str | Path,
+    adapter_name: str | None = None,
+    tokenizer=None,
+    card: Mapping[str, Any] | None = None,
+) -> Path:
     """Save the LoRA weights (not the base model) in peft's format at `path`, atomically.
 
+    With `tokenizer` its files are saved beside the weights, and with `card` (`rewriter_card.rewriter_card`)
+    `cqr_rewriter.json`, which tells later commands how the adapter was trained.
     The files are written to a temporary folder beside `path`, which replaces `path` only once complete:
     a crash or error midway leaves the previously saved adapter untouched.
     """
@@ -382,6 +391,10 @@ def save_adapter(model: PeftModel, path: str | Path, adapter_name: str | None = 
         written = _write_adapter(model, scratch, name)
         if not (written / ADAPTER_WEIGHTS).is_file() or not (written / ADAPTER_CONFIG).is_file():
             raise RuntimeError(f"peft wrote no {ADAPTER_WEIGHTS} / {ADAPTER_CONFIG} for adapter {name!r}")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(written))
+        if card is not None:
+            write_card(written, card)
         _replace_dir(written, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
