@@ -10,11 +10,10 @@ metrics.json's.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from cqr_lightning.io_utils import TEMP_MARK
+from cqr_lightning.io_utils import atomic_file
 from cqr_lightning.records import Turn
 
 TIE_STEP = 1e-5  # relative gap kept between consecutive scores: several float32 steps at any magnitude
@@ -62,9 +61,6 @@ def qrels_lines(turns: Iterable[Turn]) -> Iterable[str]:
 
 def write_lines(path: str | Path, lines: Iterable[str]) -> Path:
     """Write the lines through a temporary file renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_file(path) as handle:
         handle.writelines(lines)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
