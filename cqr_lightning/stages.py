@@ -6,8 +6,8 @@ Each stage works in its own folder of the run directory:
     <run_dir>/rl/      checkpoints/, best_adapter/, adapter/, curves.*
     <run_dir>/eval/    per evaluation split, one folder per compared rewriter; summary.json
 
-A stage whose final adapter exists is not run again; a stage with a `checkpoints/last.ckpt` resumes
-from it (`resume: true`), in the same MLflow run.
+A stage whose final adapter exists is not run again; a stage with checkpoints resumes from the newest one that
+loads (`resume: true`), in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -57,12 +57,16 @@ def make_logger(cfg: DictConfig, stage: str, run_dir: Path, run_id: str | None =
 
 
 def checkpoint_to_resume(cfg: DictConfig, stage_dir: Path) -> str | None:
+    """`ckpt_path`, else the newest checkpoint that loads (cqr_lightning/resume.py); `resume=false` starts over."""
+    from cqr_lightning.resume import checked_checkpoint, checkpoint_files, choose_checkpoint, set_aside
+
     if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
-    last = stage_dir / "checkpoints" / LAST_CHECKPOINT
-    return str(last) if cfg.get("resume", True) and last.is_file() else None
+        return checked_checkpoint(cfg.ckpt_path)
+    if not cfg.get("resume", True):
+        set_aside(stage_dir / "checkpoints")
+        return None
+    chosen = choose_checkpoint(checkpoint_files(stage_dir / "checkpoints"))
+    return str(chosen) if chosen else None
 
 
 def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger, callbacks: list, **kwargs):
