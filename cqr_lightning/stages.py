@@ -29,6 +29,7 @@ from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
+from cqr_lightning.preflight import check_training_inputs
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -233,6 +234,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     from cqr_lightning.modules.warmup import WarmupModule
     from data_modules.distilled import DistilledDataModule
 
+    check_training_inputs(cfg)  # settings, corpus and splits, before any model loads (cqr_lightning/preflight.py)
     stage = start_stage(cfg, run_dir, "warmup")
     if stage is None:
         return final_adapter(run_dir / "warmup")
@@ -300,6 +302,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
     from data_modules.conversations import ConversationDataModule
 
+    check_training_inputs(cfg)
     stage = start_stage(cfg, run_dir, "rl")
     if stage is None:
         return final_adapter(run_dir / "rl")
