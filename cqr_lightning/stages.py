@@ -12,6 +12,7 @@ loads (`resume: true`), in the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -186,8 +187,10 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
     w = cfg.warmup
     distilled_path = stage_dir / "distilled.jsonl"
     if distilled_path.exists() and w.reuse_distilled:
-        log.info("reusing %s", distilled_path)
-        return distilled_path
+        if count_lines(distilled_path) > 0:
+            log.info("reusing %s", distilled_path)
+            return distilled_path
+        log.warning("%s is empty (left by an earlier run that kept nothing): sampling again", distilled_path)
     sampler = RewriteSampler(
         policy,
         tokenizer,
@@ -246,8 +249,14 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         distilled = self_distill(cfg, stage_dir, policy, tokenizer, scorer, logger)
         n_examples = count_lines(distilled)
         if n_examples == 0:
+            stats_path = stage_dir / "distill_stats.json"
+            if json.loads(stats_path.read_text(encoding="utf-8")).get("turns") == 0:
+                raise ConfigError(
+                    f"self-distillation kept no sample ({stats_path}): the training split is empty "
+                    f"(data.train_split={cfg.data.train_split}, warmup.sample_limit={w.sample_limit})"
+                )
             raise ConfigError(
-                f"self-distillation kept no sample ({stage_dir / 'distill_stats.json'}): raise warmup.num_samples, "
+                f"self-distillation kept no sample ({stats_path}): raise warmup.num_samples, "
                 "loosen warmup.keep_rank, or for a small model use response_format=rewrite_only with "
                 "warmup.prefill_response=true and warmup.lenient_format=true"
             )

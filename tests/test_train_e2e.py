@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -94,14 +95,30 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
 
 
 @pytest.mark.slow
-def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path):
+def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path, caplog):
     tracking = tmp_path / "mlflow.db"
     overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"]
     cfg = compose_train([*overrides, "warmup.lenient_format=false"])
-    with pytest.raises(ConfigError, match="self-distillation kept no sample"):
+    with pytest.raises(ConfigError, match="self-distillation kept no sample.*raise warmup.num_samples"):
         train.run(cfg)
-    stats = json.loads((tmp_path / "run" / "warmup" / "distill_stats.json").read_text())
+    stats_path = tmp_path / "run" / "warmup" / "distill_stats.json"
+    stats = json.loads(stats_path.read_text())
     assert stats["turns"] == 8 and stats["kept"] == 0
+    assert (tmp_path / "run" / "warmup" / "distilled.jsonl").read_text() == ""
+
+    # the empty distilled.jsonl that run left is not reused: the rerun samples again
+    stats_path.unlink()
+    with caplog.at_level(logging.WARNING, logger="cqr_lightning.stages"), pytest.raises(ConfigError):
+        train.run(cfg)
+    assert "is empty (left by an earlier run that kept nothing): sampling again" in caplog.text
+    assert json.loads(stats_path.read_text())["turns"] == 8
+
+
+@pytest.mark.slow
+def test_warmup_that_samples_no_turn_says_the_training_split_is_empty(fixture_data_dir, tmp_path):
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tmp_path / "mlflow.db"), "stage=warmup"]
+    with pytest.raises(ConfigError, match="kept no sample .*: the training split is empty .*warmup.sample_limit=0"):
+        train.run(compose_train([*overrides, "warmup.sample_limit=0"]))
 
 
 @pytest.mark.slow
