@@ -304,3 +304,43 @@ def test_rl_with_the_turn_filter_trains_only_on_turns_the_question_does_not_solv
         table = json.loads(Path(path).read_text())
         trained |= {row[table["columns"].index("turn_id")] for row in table["data"]}
     assert trained == {"vague_1", "vague_2"} and not trained & skipped
+
+
+@pytest.mark.slow
+def test_a_kill_after_a_sigterm_resumes_from_the_newest_checkpoint_not_the_sigterm_one(fixture_data_dir, tmp_path):
+    """After a SIGTERM before the first periodic checkpoint, Lightning writes its later 'last' as last-v1.ckpt;
+    a kill -9 then must not send the rerun back to the step the SIGTERM saved."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+    command = [*train_command(fixture_data_dir, run_dir, tmp_path / "mlflow.db", 6), "rl.checkpoint_every_n_steps=3"]
+    folder = run_dir / "rl" / "checkpoints"
+    curves = run_dir / "rl" / "curves.csv"
+
+    def steps_logged() -> list[int]:
+        text = curves.read_text() if curves.is_file() else ""
+        return [int(line.split(",")[0]) for line in text.splitlines() if "train/reward_mean" in line]
+
+    def run_until(condition) -> subprocess.Popen:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not condition() and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be stopped"
+        return process
+
+    first = run_until(lambda: len(steps_logged()) >= 1)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == 143
+    sigterm_step = checkpoint_step(folder / "last.ckpt")
+    assert 1 <= sigterm_step < 3
+
+    second = run_until(lambda: checkpoint_step(folder / "last-v1.ckpt") >= 3)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    newest = max(checkpoint_step(path) for path in folder.glob("*.ckpt"))
+    assert newest >= 3 and checkpoint_step(folder / "last.ckpt") == sigterm_step
+    before = steps_logged()
+
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert steps_logged()[len(before) :] == list(range(newest + 1, 7)), "the rerun continues from the newest step"
+    assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
