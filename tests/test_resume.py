@@ -117,3 +117,18 @@ def test_resume_false_moves_the_old_checkpoints_aside_and_starts_over(tmp_path):
     assert checkpoint_to_resume(cfg(resume=False), tmp_path) is None
     assert len(list(tmp_path.glob("checkpoints.old-*"))) == 2
     assert checkpoint_to_resume(cfg(resume=False), tmp_path) is None  # nothing left to move
+
+
+def test_a_failed_json_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+    """What a full disk does mid-write: the exception comes out, the previous content stays, nothing else is left."""
+    from cqr_lightning.io_utils import write_json, write_jsonl
+
+    write_json(tmp_path / "stats.json", {"kept": 3})
+    write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "stats.json", {"kept": object()})
+    with pytest.raises(TypeError):
+        write_jsonl(tmp_path / "rows.jsonl", ({"a": 2} if i == 0 else {"b": object()} for i in range(2)))
+    assert (tmp_path / "stats.json").read_text() == '{\n  "kept": 3\n}\n'
+    assert (tmp_path / "rows.jsonl").read_text() == '{"a": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "stats.json"]
