@@ -24,6 +24,7 @@ from cqr_lightning.config import CONF_DIR, register_resolvers
 from cqr_lightning.errors import DataError
 from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize
 from cqr_lightning.io_utils import write_json, write_jsonl
+from cqr_lightning.preflight import check_evaluation_inputs
 from cqr_lightning.readers import split_path, turn_reader
 from cqr_lightning.records import Turn
 from cqr_lightning.rewriter_card import hydra_command_line_keys, with_adapter_card
@@ -103,6 +104,7 @@ def rewrite_all(rewriter, turns: list[Turn], batch_size: int):
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     from cqr_lightning.retrieval.factory import open_retriever
 
+    check_evaluation_inputs(cfg)  # settings, corpus and split, before any model loads (cqr_lightning/preflight.py)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     turns = load_turns(cfg, cfg.data.eval_split)

@@ -12,6 +12,8 @@ import hydra
 from omegaconf import DictConfig
 
 from cqr_lightning.config import register_resolvers
+from cqr_lightning.errors import DataError
+from cqr_lightning.retrieval.corpus import read_corpus
 from cqr_lightning.retrieval.factory import IndexInfo, ensure_index
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -20,6 +22,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def run(cfg: DictConfig) -> IndexInfo:
     """Ensure the index of `cfg.retriever` over `cfg.data.corpus` exists and print a summary."""
     corpus = cfg.data.get("corpus")
+    if corpus and not any(True for _ in read_corpus(corpus)):  # stops at the first passage
+        raise DataError(corpus, "the corpus holds no passage: data.corpus needs one {id, contents} object a line")
     info = ensure_index(cfg.retriever, corpus, show_progress=cfg.get("show_progress", True))
     print(f"index: {info.path}")
     print(f"backend: {info.backend}")

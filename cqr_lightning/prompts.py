@@ -11,15 +11,20 @@ Layout (SPEC.md "Prompt"): an instruction, then
     Rewrite:
 
 sent as the user message.  Histories are cut from the oldest exchange until the rendered prompt
-fits `max_prompt_length` tokens.  The few-shot variant (warm-up sampling) inserts one worked
-example of the output format between the instruction and the context.
+fits `max_prompt_length` tokens; a question too long to fit even alone keeps only its start.
+The few-shot variant (warm-up sampling) inserts one worked example of the output format between
+the instruction and the context.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+from cqr_lightning.errors import ConfigError
 from cqr_lightning.records import USER, Turn, Utterance
+
+log = logging.getLogger(__name__)
 
 THINK_REWRITE = "think_rewrite"
 REWRITE_ONLY = "rewrite_only"
@@ -107,16 +112,60 @@ def render_prompt(
 ) -> str:
     """Chat-rendered prompt text (generation prompt included) that fits `max_prompt_length` tokens.
 
-    The oldest exchanges are dropped first; when even the question alone does not fit the prompt is
-    returned with an empty context, and the caller's tokenizer truncation applies.
-    """
+    The oldest exchanges are dropped first. A question that does not fit even alone is cut to its start, with a
+    warning naming the turn; ConfigError when not even the instructions fit."""
+
+    def chat(history: Sequence[Utterance], question: str) -> str:
+        return _chat(tokenizer, user_message(history, question, few_shot, response_format))
+
+    overhead = _length(tokenizer, chat((), ""))
+    if overhead >= max_prompt_length:
+        raise ConfigError(
+            f"model.max_prompt_length={max_prompt_length} is too small: the prompt's instructions alone take "
+            f"{overhead} tokens"
+        )
+    keep = max_prompt_length - overhead  # tokens left for the question
+    question, cut = question_start(tokenizer, turn.question, keep)
     history = turn.history
-    starts = exchange_starts(history) if history else [0]
-    for start in [*starts, len(history)]:
-        text = _chat(tokenizer, user_message(history[start:], turn.question, few_shot, response_format))
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_length:
-            return text
+    for start in [*(exchange_starts(history) if history else []), len(history)]:
+        text = chat(history[start:], question)
+        if _length(tokenizer, text) <= max_prompt_length:
+            break
+    while (excess := _length(tokenizer, text) - max_prompt_length) > 0:  # a cut question re-tokenised in place
+        keep -= excess
+        if keep <= 0:
+            raise ConfigError(f"model.max_prompt_length={max_prompt_length} leaves no room for the question")
+        question, cut = question_start(tokenizer, turn.question, keep)[0], True
+        text = chat((), question)
+    if cut:
+        log.warning(
+            "turn %s: the question does not fit model.max_prompt_length=%d tokens; kept its first %d of %d characters",
+            turn.id,
+            max_prompt_length,
+            len(question),
+            len(turn.question),
+        )
     return text
+
+
+def question_start(tokenizer, question: str, max_tokens: int) -> tuple[str, bool]:
+    """The longest start of `question` of at most `max_tokens` tokens, and whether it is shorter than the question.
+
+    Only a head of the question is tokenised, growing until it holds more than `max_tokens` tokens, so a
+    question of megabytes costs a few thousand tokens of work."""
+    window = 8 * max(max_tokens, 1)
+    while True:
+        head = question[:window]
+        ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:
+            return tokenizer.decode(ids[:max_tokens]).rstrip("\ufffd"), True  # no half of a split character
+        if window >= len(question):
+            return question, False
+        window *= 4
+
+
+def _length(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _chat(tokenizer, message: str) -> str:

@@ -11,6 +11,7 @@ Every problem is reported as a `DataError` naming the file and the line where th
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
@@ -21,22 +22,63 @@ _CHUNK_CHARS = 1 << 20
 _MAX_RECORD_CHARS = 64 << 20
 
 
+# bytes that are not UTF-8 come out of the "surrogateescape" error handler as these code points
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def check_utf8(path: Path, text: str, line: int, column_known: bool = True) -> str:
+    """`text` (read with errors="surrogateescape", starting on `line`), or a DataError naming the line (and column,
+    when `text` starts at the start of a line) of its first byte that is not UTF-8."""
+    bad = _UNDECODABLE.search(text)
+    if bad is None:
+        return text
+    line += text.count("\n", 0, bad.start())
+    newline = text.rfind("\n", 0, bad.start())
+    column = f" at column {bad.start() - newline}" if column_known or newline >= 0 else ""
+    byte = ord(bad.group()) - 0xDC00
+    raise DataError(path, f"invalid UTF-8 (byte 0x{byte:02x}{column}); save the file as UTF-8", line)
+
+
+def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) of a UTF-8 text file; a byte that is not UTF-8 raises a DataError naming its line."""
+    path = Path(path)
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            yield line_no, check_utf8(path, line, line_no)
+
+
 def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, f"malformed JSON ({err.msg} at column {err.colno})", line_no) from None
-            if not isinstance(obj, dict):
-                raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line_no)
-            yield line_no, obj
+    for line_no, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        obj = parse_json(path, line, line_no)
+        if not isinstance(obj, dict):
+            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line_no)
+        if "\\u" in line:  # an escape may spell half of a surrogate pair, which no UTF-8 text can hold
+            check_no_lone_surrogate(path, obj, line_no)
+        yield line_no, obj
+
+
+def parse_json(path: Path, text: str, line: int):
+    """`json.loads(text)`, any failure a DataError: malformed JSON, but also nesting too deep for the parser and
+    integers longer than Python converts (ValueError), which the json module does not report as JSON errors."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"malformed JSON ({err.msg} at column {err.colno})", line) from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(path, f"unreadable JSON ({type(err).__name__}: {str(err)[:200]})", line) from None
+
+
+def check_no_lone_surrogate(path: Path, obj: dict, line: int) -> None:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(path, "a \\uXXXX escape spells an unpaired UTF-16 surrogate, which is not text", line) from None
 
 
 def iter_json_array(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -48,8 +90,18 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(path, "file not found")
     decoder = json.JSONDecoder()
-    with path.open(encoding="utf-8") as handle:
-        buffer = handle.read(_CHUNK_CHARS)
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        lines_read, at_line_start = 0, True  # newlines in the chunks read so far; whether the last one ended a line
+
+        def read_chunk() -> str:
+            nonlocal lines_read, at_line_start
+            chunk = handle.read(_CHUNK_CHARS)
+            check_utf8(path, chunk, lines_read + 1, column_known=at_line_start)
+            lines_read += chunk.count("\n")
+            at_line_start = chunk.endswith("\n") if chunk else at_line_start
+            return chunk
+
+        buffer = read_chunk()
         at_eof = not buffer
         pos, line_no = 0, 1
 
@@ -67,7 +119,7 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[int, dict]]:
         while True:
             skip(" \t\r\n")
             if pos >= len(buffer) - 1 and not at_eof:
-                chunk = handle.read(_CHUNK_CHARS)
+                chunk = read_chunk()
                 at_eof = not chunk
                 buffer, pos = buffer[pos:] + chunk, 0
                 continue
@@ -83,13 +135,15 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[int, dict]]:
                 obj, end = decoder.raw_decode(buffer, pos)
             except json.JSONDecodeError as err:
                 if not at_eof and len(buffer) - pos < _MAX_RECORD_CHARS:
-                    chunk = handle.read(_CHUNK_CHARS)
+                    chunk = read_chunk()
                     at_eof = not chunk
                     buffer, pos = buffer[pos:] + chunk, 0
                     continue
                 raise DataError(
                     path, f"malformed JSON ({err.msg})", line_no + buffer.count("\n", pos, err.pos)
                 ) from None
+            except (ValueError, RecursionError) as err:
+                raise DataError(path, f"unreadable JSON ({type(err).__name__}: {str(err)[:200]})", line_no) from None
             if not isinstance(obj, dict):
                 raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line_no)
             yield line_no, obj
@@ -198,19 +252,18 @@ def read_trec_qrels(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(path, "qrels file not found")
     qrels: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 4:
-                raise DataError(path, f"expected 'qid iteration docid relevance', got {len(parts)} fields", line_no)
-            try:
-                relevance = int(parts[3])
-            except ValueError:
-                raise DataError(path, f"relevance '{parts[3]}' is not an integer", line_no) from None
-            if relevance > 0:
-                qrels.setdefault(parts[0], []).append(parts[2])
+    for line_no, line in iter_text_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 4:
+            raise DataError(path, f"expected 'qid iteration docid relevance', got {len(parts)} fields", line_no)
+        try:
+            relevance = int(parts[3])
+        except ValueError:
+            raise DataError(path, f"relevance '{parts[3]}' is not an integer", line_no) from None
+        if relevance > 0:
+            qrels.setdefault(parts[0], []).append(parts[2])
     return qrels
 
 

@@ -6,12 +6,13 @@ Each stage works in its own folder of the run directory:
     <run_dir>/rl/      checkpoints/, best_adapter/, adapter/, curves.*
     <run_dir>/eval/    per evaluation split, one folder per compared rewriter; summary.json
 
-A stage whose final adapter exists is not run again; a stage with a `checkpoints/last.ckpt` resumes
-from it (`resume: true`), in the same MLflow run.
+A stage whose final adapter exists is not run again; a stage with checkpoints resumes from the newest one that
+loads (`resume: true`), in the same MLflow run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
+from cqr_lightning.preflight import check_training_inputs
 from cqr_lightning.rewriter_card import rewriter_card
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,16 @@ def make_logger(cfg: DictConfig, stage: str, run_dir: Path, run_id: str | None =
 
 
 def checkpoint_to_resume(cfg: DictConfig, stage_dir: Path) -> str | None:
+    """`ckpt_path`, else the newest checkpoint that loads (cqr_lightning/resume.py); `resume=false` starts over."""
+    from cqr_lightning.resume import checked_checkpoint, checkpoint_files, choose_checkpoint, set_aside
+
     if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
-    last = stage_dir / "checkpoints" / LAST_CHECKPOINT
-    return str(last) if cfg.get("resume", True) and last.is_file() else None
+        return checked_checkpoint(cfg.ckpt_path)
+    if not cfg.get("resume", True):
+        set_aside(stage_dir / "checkpoints")
+        return None
+    chosen = choose_checkpoint(checkpoint_files(stage_dir / "checkpoints"))
+    return str(chosen) if chosen else None
 
 
 def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger, callbacks: list, **kwargs):
@@ -184,8 +190,10 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
     w = cfg.warmup
     distilled_path = stage_dir / "distilled.jsonl"
     if distilled_path.exists() and w.reuse_distilled:
-        log.info("reusing %s", distilled_path)
-        return distilled_path
+        if count_lines(distilled_path) > 0:
+            log.info("reusing %s", distilled_path)
+            return distilled_path
+        log.warning("%s is empty (left by an earlier run that kept nothing): sampling again", distilled_path)
     sampler = RewriteSampler(
         policy,
         tokenizer,
@@ -232,6 +240,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     from cqr_lightning.modules.warmup import WarmupModule
     from data_modules.distilled import DistilledDataModule
 
+    check_training_inputs(cfg)  # settings, corpus and splits, before any model loads (cqr_lightning/preflight.py)
     stage = start_stage(cfg, run_dir, "warmup")
     if stage is None:
         return final_adapter(run_dir / "warmup")
@@ -243,8 +252,14 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         distilled = self_distill(cfg, stage_dir, policy, tokenizer, scorer, logger)
         n_examples = count_lines(distilled)
         if n_examples == 0:
+            stats_path = stage_dir / "distill_stats.json"
+            if json.loads(stats_path.read_text(encoding="utf-8")).get("turns") == 0:
+                raise ConfigError(
+                    f"self-distillation kept no sample ({stats_path}): the training split is empty "
+                    f"(data.train_split={cfg.data.train_split}, warmup.sample_limit={w.sample_limit})"
+                )
             raise ConfigError(
-                f"self-distillation kept no sample ({stage_dir / 'distill_stats.json'}): raise warmup.num_samples, "
+                f"self-distillation kept no sample ({stats_path}): raise warmup.num_samples, "
                 "loosen warmup.keep_rank, or for a small model use response_format=rewrite_only with "
                 "warmup.prefill_response=true and warmup.lenient_format=true"
             )
@@ -302,6 +317,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
     from data_modules.conversations import ConversationDataModule
 
+    check_training_inputs(cfg)
     stage = start_stage(cfg, run_dir, "rl")
     if stage is None:
         return final_adapter(run_dir / "rl")

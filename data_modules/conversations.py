@@ -9,6 +9,7 @@ stream's own counter would run one batch early).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -19,8 +20,9 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from cqr_lightning.errors import DataError
-from cqr_lightning.readers import iter_jsonl_objects, turn_reader
+from cqr_lightning.readers import turn_reader
 from cqr_lightning.records import Turn
+from cqr_lightning.retrieval.corpus import read_corpus
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,19 @@ def collate_turns(items: list[tuple[Turn, StreamPosition]]) -> TurnBatch:
     return TurnBatch(turns=[turn for turn, _ in items], position=items[-1][1])
 
 
-def read_corpus_ids(path: str | Path) -> set[str]:
-    ids = set()
-    for line, obj in iter_jsonl_objects(path):
-        if "id" not in obj:
-            raise DataError(path, "corpus passage without 'id'", line)
-        ids.add(str(obj["id"]))
-    return ids
+def read_corpus_ids(path: str | Path) -> frozenset[str]:
+    """The passage ids of a corpus, every line checked (cqr_lightning/retrieval/corpus.py); the last corpus read
+    is remembered while its file is unchanged, so the pre-flight check and the data module read it once."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "corpus file not found")
+    stat = path.stat()
+    return _corpus_ids(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus_ids(path: str, size: int, mtime_ns: int) -> frozenset[str]:
+    return frozenset(passage.id for passage in read_corpus(path))
 
 
 class ConversationDataModule(L.LightningDataModule):
@@ -124,10 +132,10 @@ class ConversationDataModule(L.LightningDataModule):
         self.check_positives = check_positives
         self.skip_train_ids = frozenset(skip_train_ids)  # turns left out of training (not of validation)
         self.train_position = StreamPosition(0, 0)
-        self._known_ids: set[str] | None = None
+        self._known_ids: frozenset[str] | None = None
         self._train_stream: TurnStream | None = None
 
-    def known_ids(self) -> set[str] | None:
+    def known_ids(self) -> frozenset[str] | None:
         if self.check_positives and self._known_ids is None and self.data_cfg.get("corpus"):
             self._known_ids = read_corpus_ids(self.data_cfg.corpus)
         return self._known_ids

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 
+from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import parse_response
 from cqr_lightning.models.tiny import build_tiny_tokenizer
 from cqr_lightning.prompts import REWRITE_ONLY, format_context, render_prompt, user_message
@@ -77,9 +81,52 @@ def test_truncation_drops_oldest_exchanges_first(tokenizer):
     assert "Q1: question number" in cut, "numbering restarts at the first kept question"
 
 
+def token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def test_truncation_keeps_question_when_nothing_else_fits(tokenizer):
-    cut = render_prompt(tokenizer, make_turn(8), max_prompt_length=5)
+    bare = render_prompt(tokenizer, make_turn(0), max_prompt_length=100_000)
+    cut = render_prompt(tokenizer, make_turn(8), max_prompt_length=token_count(tokenizer, bare))
+    assert cut == bare
     assert "Query: how long is it?" in cut and "question number" not in cut
+
+
+def test_a_budget_below_the_instructions_names_the_setting(tokenizer):
+    with pytest.raises(ConfigError, match="model.max_prompt_length=5 is too small"):
+        render_prompt(tokenizer, make_turn(8), max_prompt_length=5)
+
+
+@pytest.mark.parametrize("few_shot", [False, True])
+def test_a_5_mb_question_is_cut_to_its_start_with_a_warning_naming_the_turn(tokenizer, caplog, few_shot):
+    question = "where does the river that flows past the old mill begin and end? " * 80_000
+    assert len(question.encode()) > 5_000_000
+    turn = Turn(id="huge_7", history=make_turn(3).history, question=question, positives=("p",))
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="cqr_lightning.prompts"):
+        text = render_prompt(tokenizer, turn, max_prompt_length=600, few_shot=few_shot)
+    assert time.perf_counter() - started < 5, "only a head of the question is tokenised"
+    assert token_count(tokenizer, text) <= 600
+    assert "question number" not in text, "no room is left for history"
+    asked = text.split("Query: ")[-1].split("\nRewrite:")[0]
+    assert len(asked) > 100 and question.startswith(asked)
+    assert "\nRewrite:" in text.split("Query: ")[-1], "the cue after the question is kept"
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "turn huge_7" in warning.getMessage() and "model.max_prompt_length=600" in warning.getMessage()
+
+
+def test_non_ascii_question_is_cut_on_a_character_boundary(tokenizer):
+    turn = Turn(id="x", history=(), question="größter Fluss 最长的河流 " * 2_000, positives=("p",))
+    text = render_prompt(tokenizer, turn, max_prompt_length=300)
+    assert token_count(tokenizer, text) <= 300 and "\ufffd" not in text
+    asked = text.split("Query: ")[-1].split("\nRewrite:")[0]
+    assert turn.question.startswith(asked)
+
+
+def test_a_question_that_fits_is_not_cut_and_no_warning_is_logged(tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="cqr_lightning.prompts"):
+        text = render_prompt(tokenizer, make_turn(2), max_prompt_length=100_000)
+    assert "Query: how long is it?\nRewrite:" in text and not caplog.records
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def fit(module, data_cfg, callbacks, steps: int, tmp_path, **trainer_kwargs):
 
 def scripted_module(policy, tokenizer, responses, **kwargs):
     module = ScriptedRollouts(
-        policy, tokenizer, group_size=len(responses), lr=kwargs.pop("lr", 1e-2), max_prompt_length=128, **kwargs
+        policy, tokenizer, group_size=len(responses), lr=kwargs.pop("lr", 1e-2), max_prompt_length=256, **kwargs
     )
     module.responses = responses
     return module
@@ -234,7 +234,7 @@ def test_fast_sampling_path_trains_and_resyncs_after_each_step(
 ):
     policy = policy_with_random_lora_b(tiny_model_cfg)
     module = RLModule(
-        policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=128, fast_sampling=True,
+        policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, fast_sampling=True,
         scorer=RetrievalScorer(retriever),
     )  # fmt: skip
     trainer = fit(module, data_cfg, [], 2, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -99,14 +100,30 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
 
 
 @pytest.mark.slow
-def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path):
+def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path, caplog):
     tracking = tmp_path / "mlflow.db"
     overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"]
     cfg = compose_train([*overrides, "warmup.lenient_format=false"])
-    with pytest.raises(ConfigError, match="self-distillation kept no sample"):
+    with pytest.raises(ConfigError, match="self-distillation kept no sample.*raise warmup.num_samples"):
         train.run(cfg)
-    stats = json.loads((tmp_path / "run" / "warmup" / "distill_stats.json").read_text())
+    stats_path = tmp_path / "run" / "warmup" / "distill_stats.json"
+    stats = json.loads(stats_path.read_text())
     assert stats["turns"] == 8 and stats["kept"] == 0
+    assert (tmp_path / "run" / "warmup" / "distilled.jsonl").read_text() == ""
+
+    # the empty distilled.jsonl that run left is not reused: the rerun samples again
+    stats_path.unlink()
+    with caplog.at_level(logging.WARNING, logger="cqr_lightning.stages"), pytest.raises(ConfigError):
+        train.run(cfg)
+    assert "is empty (left by an earlier run that kept nothing): sampling again" in caplog.text
+    assert json.loads(stats_path.read_text())["turns"] == 8
+
+
+@pytest.mark.slow
+def test_warmup_that_samples_no_turn_says_the_training_split_is_empty(fixture_data_dir, tmp_path):
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tmp_path / "mlflow.db"), "stage=warmup"]
+    with pytest.raises(ConfigError, match="kept no sample .*: the training split is empty .*warmup.sample_limit=0"):
+        train.run(compose_train([*overrides, "warmup.sample_limit=0"]))
 
 
 @pytest.mark.slow
@@ -309,3 +326,43 @@ def test_a_run_folder_refuses_other_settings_and_names_them(fixture_data_dir, tm
         check_run_settings(compose_train([*base, "rl.max_steps=8", "rl.lr=1e-3"]), run_dir)
     with pytest.raises(ConfigError, match="search.query_mode: 'question_rewrite' -> 'rewrite'"):
         check_run_settings(compose_train([*base, "search.query_mode=rewrite"]), run_dir)
+
+
+@pytest.mark.slow
+def test_a_kill_after_a_sigterm_resumes_from_the_newest_checkpoint_not_the_sigterm_one(fixture_data_dir, tmp_path):
+    """After a SIGTERM before the first periodic checkpoint, Lightning writes its later 'last' as last-v1.ckpt;
+    a kill -9 then must not send the rerun back to the step the SIGTERM saved."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+    command = [*train_command(fixture_data_dir, run_dir, tmp_path / "mlflow.db", 6), "rl.checkpoint_every_n_steps=3"]
+    folder = run_dir / "rl" / "checkpoints"
+    curves = run_dir / "rl" / "curves.csv"
+
+    def steps_logged() -> list[int]:
+        text = curves.read_text() if curves.is_file() else ""
+        return [int(line.split(",")[0]) for line in text.splitlines() if "train/reward_mean" in line]
+
+    def run_until(condition) -> subprocess.Popen:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not condition() and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be stopped"
+        return process
+
+    first = run_until(lambda: len(steps_logged()) >= 1)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == 143
+    sigterm_step = checkpoint_step(folder / "last.ckpt")
+    assert 1 <= sigterm_step < 3
+
+    second = run_until(lambda: checkpoint_step(folder / "last-v1.ckpt") >= 3)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    newest = max(checkpoint_step(path) for path in folder.glob("*.ckpt"))
+    assert newest >= 3 and checkpoint_step(folder / "last.ckpt") == sigterm_step
+    before = steps_logged()
+
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert steps_logged()[len(before) :] == list(range(newest + 1, 7)), "the rerun continues from the newest step"
+    assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()

@@ -7,13 +7,13 @@ already starts with the title, so the title is kept only as metadata.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cqr_lightning.errors import DataError
+from cqr_lightning.readers import iter_text_lines, parse_json
 
 FULL_HASH_LIMIT = 1 << 30
 """Corpora up to this size (1 GiB) are fingerprinted by a full SHA-1 of their bytes."""
@@ -38,15 +38,14 @@ def read_corpus(path: str | os.PathLike) -> Iterator[Passage]:
     if not path.is_file():
         raise DataError(path, "corpus file not found")
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            passage = _parse_line(path, line, line_no)
-            if passage.id in seen:
-                raise DataError(path, f"duplicate passage id {passage.id!r}", line_no)
-            seen.add(passage.id)
-            yield passage
+    for line_no, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        passage = _parse_line(path, line, line_no)
+        if passage.id in seen:
+            raise DataError(path, f"duplicate passage id {passage.id!r}", line_no)
+        seen.add(passage.id)
+        yield passage
 
 
 def count_passages(path: str | os.PathLike) -> int:
@@ -55,10 +54,7 @@ def count_passages(path: str | os.PathLike) -> int:
 
 
 def _parse_line(path: Path, line: str, line_no: int) -> Passage:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"malformed JSON ({exc.msg} at column {exc.colno})", line_no) from None
+    record = parse_json(path, line, line_no)
     if not isinstance(record, dict):
         raise DataError(path, f"expected a JSON object, got {type(record).__name__}", line_no)
     passage_id = record.get("id")
