@@ -104,7 +104,7 @@ def test_tiny_model_rewriter_through_the_command_line(fixture_data_dir, tmp_path
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "model / bm25s / rewrite / dev" in result.stdout
+    assert "model / bm25s / question_rewrite / dev" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 4 and 0.0 <= metrics["format_ok"] <= 1.0
     rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
