@@ -13,7 +13,7 @@ from numbers import Real
 
 from cqr_lightning.errors import ConfigError, DataError
 from cqr_lightning.holdout import HOLDOUT_SPLITS, holdout_shares
-from cqr_lightning.readers import iter_jsonl_objects, split_path, turn_reader
+from cqr_lightning.readers import iter_jsonl_objects, split_path, turn_reader, validation_split
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,18 @@ def check_inputs(cfg, splits: Iterable[str], groups: Iterable[str]) -> None:
     log.info("pre-flight: %d passages; turns per split %s", len(ids), counts)
 
 
+def evaluation_splits(cfg) -> list[str]:
+    """The splits the pipeline's final table reports: `eval.splits`, else `data.eval_split`."""
+    return [str(split) for split in (cfg.eval.get("splits") or [cfg.data.eval_split])]
+
+
 def training_splits(cfg) -> list[str]:
     """What a training command reads: the training split, the validation split and, for the pipeline, the
     splits of the final table."""
-    splits = [cfg.data.train_split, cfg.data.get("val_split") or cfg.data.eval_split]
+    splits = [str(cfg.data.train_split), validation_split(cfg.data)]
     if cfg.get("stage", "pipeline") == "pipeline":
-        splits += list(cfg.eval.get("splits") or [cfg.data.eval_split])
-    return [str(split) for split in splits]
+        splits += evaluation_splits(cfg)
+    return splits
 
 
 def training_groups(cfg) -> list[str]:

@@ -71,7 +71,12 @@ def parse_json(path: Path, text: str, line: int):
     except json.JSONDecodeError as err:
         raise DataError(path, f"malformed JSON ({err.msg} at column {err.colno})", line) from None
     except (ValueError, RecursionError) as err:
-        raise DataError(path, f"unreadable JSON ({type(err).__name__}: {str(err)[:200]})", line) from None
+        raise unreadable_json(path, err, line) from None
+
+
+def unreadable_json(path: Path, err: Exception, line: int) -> DataError:
+    """JSON the parser cannot turn into Python objects (nesting too deep, an integer too long)."""
+    return DataError(path, f"unreadable JSON ({type(err).__name__}: {str(err)[:200]})", line)
 
 
 def check_no_lone_surrogate(path: Path, obj: dict, line: int) -> None:
@@ -143,7 +148,7 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[int, dict]]:
                     path, f"malformed JSON ({err.msg})", line_no + buffer.count("\n", pos, err.pos)
                 ) from None
             except (ValueError, RecursionError) as err:
-                raise DataError(path, f"unreadable JSON ({type(err).__name__}: {str(err)[:200]})", line_no) from None
+                raise unreadable_json(path, err, line_no) from None
             if not isinstance(obj, dict):
                 raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line_no)
             yield line_no, obj
@@ -301,6 +306,11 @@ def split_path(data_cfg, split: str) -> Path:
     suffix = ".jsonl" if data_cfg.format == "jsonl" else ".json"
     candidate = Path(str(split))
     return candidate if candidate.suffix in (".jsonl", ".json") else Path(data_cfg.dir) / f"{split}{suffix}"
+
+
+def validation_split(data_cfg) -> str:
+    """The split training validates on: `data.val_split` (for example `holdout_val`), else `data.eval_split`."""
+    return str(data_cfg.get("val_split") or data_cfg.eval_split)
 
 
 def turn_reader(data_cfg, split: str, known_ids: Container[str] | None = None) -> Callable[[], Iterator[Turn]]:

@@ -30,7 +30,7 @@ from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
-from cqr_lightning.preflight import check_training_inputs
+from cqr_lightning.preflight import check_training_inputs, evaluation_splits
 from cqr_lightning.rewriter_card import rewriter_card
 
 log = logging.getLogger(__name__)
@@ -422,11 +422,6 @@ def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever) -> frozenset[s
 
 
 # --- evaluation after training ----------------------------------------------------------------------
-
-
-def evaluation_splits(cfg: DictConfig) -> list[str]:
-    """The splits the final table reports: `eval.splits`, else `data.eval_split`."""
-    return [str(split) for split in (cfg.eval.get("splits") or [cfg.data.eval_split])]
 
 
 def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str | None]) -> dict[str, dict]:

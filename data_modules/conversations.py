@@ -20,7 +20,7 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from cqr_lightning.errors import DataError
-from cqr_lightning.readers import turn_reader
+from cqr_lightning.readers import turn_reader, validation_split
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.corpus import read_corpus
 
@@ -164,8 +164,7 @@ class ConversationDataModule(L.LightningDataModule):
         return self._loader(self._train_stream, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        """`data.val_split` (for example `holdout_val`), else the evaluation split."""
-        split = self.data_cfg.get("val_split") or self.data_cfg.eval_split
+        split = validation_split(self.data_cfg)
         return self._loader(self.ordered_stream(split, self.val_limit), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
