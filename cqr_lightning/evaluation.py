@@ -39,13 +39,21 @@ class TurnResult:
         }
 
 
+def check_unique_ids(turns: Sequence[Turn]) -> None:
+    """Metrics are keyed by turn id: a repeated id would merge two turns' scores (ValueError naming it)."""
+    seen: set[str] = set()
+    for turn in turns:
+        if turn.id in seen:
+            raise ValueError(f"turn id '{turn.id}' appears more than once in the evaluated turns: ids must be unique")
+        seen.add(turn.id)
+
+
 def results_from_rankings(
     turns: Sequence[Turn], rewrites: Sequence[str | None], rankings: Sequence[Sequence[SearchHit]], plan: SearchPlan
 ) -> list[TurnResult]:
     """Per-turn results of rankings already searched for `rewrites` under `plan`."""
+    check_unique_ids(turns)
     ids = {t.id: [hit.passage_id for hit in hits] for t, hits in zip(turns, rankings, strict=True)}
-    if len(ids) != len(turns):
-        raise ValueError("turn ids repeat in the evaluated turns: every turn needs its own id")
     metrics = per_query_metrics(ids, {t.id: list(t.positives) for t in turns})
     return [
         TurnResult(
@@ -74,10 +82,7 @@ def score_turns(
     from cqr_lightning.search import search_turns
 
     plan = plan or SearchPlan()
-    if len({t.id for t in turns}) != len(turns):
-        seen: set[str] = set()
-        repeated = next(t.id for t in turns if t.id in seen or seen.add(t.id))
-        raise ValueError(f"turn id '{repeated}' appears more than once in the evaluated turns: ids must be unique")
+    check_unique_ids(turns)
     if len(turns) != len(rewrites):
         raise ValueError(f"{len(turns)} turns but {len(rewrites)} rewrites")
     results: list[TurnResult] = []
