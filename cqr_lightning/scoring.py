@@ -142,7 +142,8 @@ class RetrievalScorer:
             for i, rank in zip(scored, found, strict=True):
                 ranks[i] = rank
         rewrites, format_ok = [p.rewrite for p in parsed], [p.format_ok for p in parsed]
-        context = {"question_ranks": self.question_ranks(turns)}
+        wanted = any(term.needs_question_ranks for term in self.rewards)
+        context = {"question_ranks": self.question_ranks(turns)} if wanted else {}
         terms = {term.name: term.fn(rewrites, ranks, format_ok, list(turns), **context) for term in self.rewards}
         batch = RewardBatch(
             rewards=combine_terms(terms, {term.name: term.weight for term in self.rewards}),

@@ -96,5 +96,8 @@ def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, dat
         assert scorer.question_ranks(turns) == asked
         responses = [f"<rewrite> {t.question} </rewrite>" for t in turns]  # copies: never below the question
         batch = scorer.score(turns, responses)
+        spec_only = RetrievalScorer(retriever, response_format="rewrite_only")
+        spec_only.score(turns, responses)
     assert batch.terms["below_question"] == [0.0] * len(turns)
+    assert spec_only._question_ranks == {}, "no term names question_ranks: the questions are not searched"
     assert batch.rewards == pytest.approx([rank_incentive_reward(r, True) for r in asked])

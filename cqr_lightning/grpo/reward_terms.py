@@ -6,9 +6,10 @@ A term is a function of what the scorer knows about each response, all lists of 
 
 `rewrites[i]` is the rewrite read from response i (None when it has none), `ranks[i]` the best gold rank of the
 search it was scored with (None when no gold passage is in the top 100, or when the response was malformed and not
-searched), `format_ok[i]` the format check, `turns[i]` the turn (question, history, positives...). `context` holds
-`question_ranks` (the best gold rank of each turn's question searched as asked). None means "no opinion" and
-counts as 0 in the sum. The reward is sum(weight * term). The default, a `rank_incentive` term and a
+searched), `format_ok[i]` the format check, `turns[i]` the turn (question, history, positives...). A term that
+names `question_ranks` as a parameter also gets the best gold rank of each turn's question searched as asked (one
+more search per new turn, made only when some term asks for it). None means "no opinion" and counts as 0 in the
+sum. The reward is sum(weight * term). The default, a `rank_incentive` term and a
 `format` term of weight 1, equals SPEC's reward exactly: the rank-incentive value of a well-formed response, -0.1
 for a malformed one.
 
@@ -19,6 +20,7 @@ A new reward is one function with that signature plus one entry in `rl.rewards`:
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +65,10 @@ class WeightedTerm:
     name: str
     weight: float
     fn: RewardTerm
+
+    @property
+    def needs_question_ranks(self) -> bool:
+        return "question_ranks" in inspect.signature(self.fn).parameters
 
 
 def resolve_term(name: str) -> RewardTerm:
