@@ -6,7 +6,7 @@
 # For each seed, one warm-up (`train.py experiment=pack_smollm2 stage=warmup`), then every variant's pipeline from
 # that warm-up (its folder is copied in, so the pipeline skips the stage): GRPO with the variant's overrides, then
 # the table on holdout_val (where settings are chosen), holdout_test and CAsT dev. The untuned and warm-up rows are
-# evaluated in the first variant only. Runs share the GPUs in turn and the CPU cores evenly.
+# evaluated in the first variant only (UNTUNED_ROW=false leaves the untuned row out: it does not depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
 # Expects what bench/pack_experiment_device.sh expects (wheels in /tmp/site, the pack in /tmp/data, the GGUF).
 # Every run is stopped with SIGTERM (it saves its current step) SECONDS after the start; calling again resumes.
 set -u
@@ -55,7 +55,7 @@ run_seed() {  # run_seed INDEX SEED: its warm-up, then its variants side by side
     [ -d "$run_dir/warmup" ] || cp -r "$runs/warm$seed/warmup" "$run_dir/warmup"
     # shellcheck disable=SC2086  # the variant's overrides are split on commas into separate arguments
     train $(((index * ${#variants[@]} + v) % gpus)) "$run_dir" "$run_dir.log" "seed=$seed" \
-      "eval.untuned_row=$first" "eval.warmup_row=$first" ${overrides//,/ } &
+      "eval.untuned_row=$([ "${UNTUNED_ROW:-true}" = true ] && echo "$first" || echo false)" "eval.warmup_row=$first" ${overrides//,/ } &
     v=$((v + 1))
   done
   wait
