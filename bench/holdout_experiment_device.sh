@@ -2,6 +2,7 @@
 # Issue 12 on the GPU machine: recipes compared on held-out conversations, several seeds side by side.
 #
 #   VARIANTS="name:key=value,key=value name2:..." bash bench/holdout_experiment_device.sh SECONDS SEED [SEED ...]
+#   (SEP=';' separates a variant's overrides by ';' instead, for values that hold commas, e.g. rl.rewards=[...])
 #
 # For each seed, one warm-up (`train.py experiment=pack_smollm2 stage=warmup`), then every variant's pipeline from
 # that warm-up (its folder is copied in, so the pipeline skips the stage): GRPO with the variant's overrides, then
@@ -53,9 +54,10 @@ run_seed() {  # run_seed INDEX SEED: its warm-up, then its variants side by side
     local run_dir="$runs/$name-seed$seed" first=$([ $v -eq 0 ] && echo true || echo false)
     mkdir -p "$run_dir"
     [ -d "$run_dir/warmup" ] || cp -r "$runs/warm$seed/warmup" "$run_dir/warmup"
-    # shellcheck disable=SC2086  # the variant's overrides are split on commas into separate arguments
+    local -a args
+    IFS="${SEP:-,}" read -r -a args <<<"$overrides"  # SEP=';' when an override holds commas (a list)
     train $(((index * ${#variants[@]} + v) % gpus)) "$run_dir" "$run_dir.log" "seed=$seed" \
-      "eval.untuned_row=$([ "${UNTUNED_ROW:-true}" = true ] && echo "$first" || echo false)" "eval.warmup_row=$first" ${overrides//,/ } &
+      "eval.untuned_row=$([ "${UNTUNED_ROW:-true}" = true ] && echo "$first" || echo false)" "eval.warmup_row=$first" "${args[@]}" &
     v=$((v + 1))
   done
   wait
