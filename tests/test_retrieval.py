@@ -388,6 +388,83 @@ def test_dense_order_matches_embeddings_despite_length_sorting(corpus, tiny_enco
     assert not np.allclose(np.linalg.norm(stored, axis=1), 1.0)
 
 
+@pytest.fixture(scope="module")
+def tiny_ance(tmp_path_factory, tiny_encoder) -> Path:
+    """A checkpoint laid out like ANCE's: a tiny RoBERTa under `roberta.*`, then `embeddingHead` (32 -> 16) and
+    `norm`, in one safetensors file, with the BERT fixture's word-level tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["RobertaModel"],
+    )
+    torch.manual_seed(1)
+    encoder = RobertaModel(config)
+    head = {
+        "embeddingHead.weight": torch.randn(16, 32),
+        "embeddingHead.bias": torch.randn(16),
+        "norm.weight": torch.rand(16) + 0.5,
+        "norm.bias": torch.randn(16),
+    }
+    folder = tmp_path_factory.mktemp("tiny-ance")
+    state = {f"roberta.{key}": value.contiguous() for key, value in encoder.state_dict().items()}
+    save_file({**state, **head}, str(folder / "model.safetensors"))
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_ance_pooling_applies_the_checkpoints_projection_head(corpus, tiny_ance):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModel, AutoTokenizer
+
+    from cqr_lightning.retrieval.dense_backend import DenseSettings, TextEncoder
+
+    texts = ["mona lisa painting", "the largest desert"]
+    encoder = TextEncoder(DenseSettings(model=str(tiny_ance), pooling="ance", device="cpu"))
+    assert encoder.dim == 16
+    got = encoder.encode(texts)
+
+    # The same vectors written out by hand: first token of RoBERTa, then linear, then LayerNorm.
+    with safe_open(str(tiny_ance / "model.safetensors"), framework="pt") as handle:
+        w, b = handle.get_tensor("embeddingHead.weight"), handle.get_tensor("embeddingHead.bias")
+        gamma, beta = handle.get_tensor("norm.weight"), handle.get_tensor("norm.bias")
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_ance), AutoModel.from_pretrained(tiny_ance).eval()
+    with torch.no_grad():
+        cls = model(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state[:, 0]
+        expected = torch.nn.functional.layer_norm(cls @ w.T + b, (16,), gamma, beta)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    plain = TextEncoder(DenseSettings(model=str(tiny_ance), pooling="cls", device="cpu")).encode(texts)
+    assert plain.shape == (2, 32)  # without the head: the encoder's own width
+
+    cfg = dense_cfg(tiny_ance, pooling="ance", normalize=False)
+    with open_retriever(cfg, corpus, show_progress=False) as retriever:
+        stored = np.load(ensure_index(cfg, corpus, show_progress=False).path / "embeddings.npy")
+        assert stored.shape == (len(PASSAGES), 16)
+        hits = retriever.search(texts, k=5)
+        query_vectors = retriever.encode_queries(texts)
+        for vector, ranking in zip(query_vectors, hits, strict=True):  # exact inner product over the stored rows
+            scores = stored @ vector
+            assert [h.passage_id for h in ranking] == [list(PASSAGES)[i] for i in np.argsort(-scores)[:5]]
+
+
+def test_ance_pooling_without_a_head_names_the_setting(tiny_encoder):
+    from cqr_lightning.retrieval.dense_backend import DenseSettings, TextEncoder
+
+    with pytest.raises(ConfigError, match=r"retriever.pooling=ance .* no embeddingHead.weight"):
+        TextEncoder(DenseSettings(model=str(tiny_encoder), pooling="ance", device="cpu"))
+
+
 # ---------------------------------------------------------------- Pyserini / Lucene
 
 

@@ -6,11 +6,9 @@ mask-weighted mean of all hidden states (`pooling: mean`), optionally L2-normali
 cosine similarity).  Queries and passages may get different prefixes ("query: " / "passage: " for E5-style
 models).
 
-ANCE (the paper's dense retriever) maps to `pooling: cls, normalize: false, max_length: 512`, no prefixes.
-Its published checkpoints, however, end in a projection head (a 768x768 linear layer and a LayerNorm,
-`embeddingHead`/`norm` in Pyserini's AnceEncoder) that `AutoModel` does not load: that head is NOT
-supported here, so an ANCE checkpoint would be encoded without it and rank poorly.  Encoders whose output is
-the pooled hidden state (BERT/RoBERTa/MiniLM/E5/BGE/Contriever) are fully supported.
+ANCE (the paper's dense retriever) is `pooling: ance` (conf/retriever/ance.yaml): the first token's hidden state
+through the checkpoint's projection head (a linear layer and a LayerNorm, `embeddingHead`/`norm`), which
+`AutoModel` does not load and cqr_lightning/retrieval/projection_head.py reads from the same weight files.
 
 On disk an index is `embeddings.npy` (float32, one row per passage, saved without pickle) and
 `passage_ids.json`.  The faiss index is rebuilt in memory on load and moved to the GPU when faiss was built
@@ -35,7 +33,7 @@ from cqr_lightning.retrieval.corpus import count_passages, read_corpus
 
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "passage_ids.json"
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "ance")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Passages are read in chunks of this many batches and sorted by length inside a chunk, so batches hold
 # texts of similar length (less padding) while memory stays bounded for big collections.
@@ -112,11 +110,18 @@ class TextEncoder:
                 "holding config.json, the weights and the tokenizer files."
             ) from exc
         self.model.to(self.device).eval()
+        self.head = None
+        if settings.pooling == "ance":
+            from cqr_lightning.retrieval.projection_head import load_projection_head
+
+            self.head = load_projection_head(settings.model, int(self.model.config.hidden_size)).to(self.device)
         limit = self.tokenizer.model_max_length
         self.max_length = min(settings.max_length, limit) if limit and limit < 1_000_000 else settings.max_length
 
     @property
     def dim(self) -> int:
+        if self.head is not None:
+            return int(self.head[0].out_features)
         return int(self.model.config.hidden_size)
 
     def encode(self, texts: Sequence[str], prefix: str = "") -> np.ndarray:
@@ -134,12 +139,14 @@ class TextEncoder:
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state  # [B, L, H]
-            if self.settings.pooling == "cls":
+            if self.settings.pooling in ("cls", "ance"):
                 pooled = hidden[:, 0]  # [B, H]
             else:
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
             pooled = pooled.float()
+            if self.head is not None:
+                pooled = self.head(pooled)  # [B, D], ANCE's projection head in float32
             if self.settings.normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.cpu().numpy()
