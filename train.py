@@ -1,6 +1,6 @@
 """Train a conversational query rewriter: `python train.py [stage=pipeline|warmup|rl] [key=value ...]`.
 
-See conf/train.yaml for every setting; `python train.py --cfg job` prints the resolved config.
+See conf/train.yaml for every setting; `python train.py --cfg job --resolve` prints the resolved config.
 """
 
 from __future__ import annotations

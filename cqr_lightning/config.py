@@ -19,8 +19,16 @@ def cache_dir() -> Path:
 
 
 def register_resolvers() -> None:
-    """Make `${demo_data_dir:}` and `${cache_dir:}` usable in YAML; safe to call repeatedly."""
-    for name, fn in (("demo_data_dir", lambda: str(DEMO_DATA_DIR)), ("cache_dir", lambda: str(cache_dir()))):
+    """Make `${demo_data_dir:}`, `${cache_dir:}` and `${project_dir:}` usable in YAML; safe to call repeatedly.
+
+    A path written in a config file starts with `${project_dir:}` so that it does not depend on the folder a command
+    is started from; a relative path given on the command line stays relative to that folder, as usual."""
+    resolvers = (
+        ("demo_data_dir", lambda: str(DEMO_DATA_DIR)),
+        ("cache_dir", lambda: str(cache_dir())),
+        ("project_dir", lambda: str(PROJECT_DIR)),
+    )
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -205,3 +205,21 @@ def test_corpus_ids_are_read_once_while_the_file_is_unchanged(data_dir, tmp_path
     with (data_dir / "corpus.jsonl").open("a") as handle:
         handle.write(json.dumps({"id": "new-1", "contents": "New passage."}) + "\n")
     assert "new-1" in corpus_ids(cfg.data)
+
+
+# ------------------------------------------------------------------------------------------- paths
+
+
+def test_experiment_data_path_does_not_depend_on_the_working_folder(tmp_path):
+    """A config file's data path is anchored at the project (`${project_dir:}`), so the pack experiment reads the
+    same files whichever folder the command starts from."""
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=pack_smollm2", "--cfg", "job", "--resolve"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    data_dir = Path(OmegaConf.create(printed).data.dir)
+    assert data_dir.is_absolute()
+    assert data_dir.resolve() == (ROOT.parent / "shared" / "data" / "convsearch-pack").resolve()
