@@ -605,3 +605,15 @@ def test_index_cli_builds_then_reuses(tmp_path, corpus):
     assert "reused" in second.stdout
     leftovers = {p.name for p in tmp_path.iterdir()} - {"corpus.jsonl", "cli-index", "cache"}
     assert not leftovers  # no outputs/, .hydra/ or log file
+
+
+def test_a_bare_index_name_that_is_no_folder_is_refused_not_built(tmp_path, monkeypatch):
+    """`retriever.index_dir=msmarco-v1-passage` reads like a Pyserini prebuilt index (never downloaded): it stops
+    with the way out, instead of building a new index in a folder of that name; `./name` and existing folders pass."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"index_dir=msmarco-v1-passage is not a folder here.*index_dir=\./msmarco"):
+        parse_config({"name": "bm25", "index_dir": "msmarco-v1-passage"})
+    assert not (tmp_path / "msmarco-v1-passage").exists()
+    assert parse_config({"name": "bm25", "index_dir": "./msmarco-v1-passage"}).index_dir == Path("msmarco-v1-passage")
+    (tmp_path / "my-index").mkdir()
+    assert parse_config({"name": "bm25s", "index_dir": "my-index"}).index_dir == Path("my-index")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,7 +121,21 @@ def parse_config(cfg: Mapping) -> RetrieverConfig:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"retriever settings for {name}: {exc}") from exc
     path = Path(str(index_dir)).expanduser() if index_dir not in (None, "") else None
+    if path is not None:
+        check_not_a_prebuilt_name(str(index_dir), path)
     return RetrieverConfig(name, k, max_query_words, path, settings)
+
+
+def check_not_a_prebuilt_name(written: str, path: Path) -> None:
+    """A bare name that is no folder here (`msmarco-v1-passage`) reads like a Pyserini prebuilt index, which is
+    never downloaded; building a new index in a folder of that name would hide the mistake. `./name` builds there."""
+    if "/" in written or os.sep in written or written.startswith(("~", ".")) or path.exists():
+        return
+    raise ConfigError(
+        f"retriever.index_dir={written} is not a folder here. Prebuilt Pyserini index names are not downloaded: "
+        f"fetch the index yourself and give its folder; to build a new index in a folder of that name, write "
+        f"retriever.index_dir=./{written}"
+    )
 
 
 def default_index_dir(name: str, index_settings: dict, fingerprint: str) -> Path:
