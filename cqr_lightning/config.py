@@ -18,6 +18,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CQR_CACHE_DIR", "~/.cache/cqr_lightning")).expanduser()
 
 
+def data_dir_required() -> str:
+    """`data=jsonl`'s folder until `data.dir` is given: reading it stops with the setting to add. (A `???` would not
+    do: merged over the demo group's folder, OmegaConf keeps the demo folder, and the demo data would be read.)"""
+    from cqr_lightning.errors import ConfigError
+
+    raise ConfigError("data=jsonl needs data.dir=FOLDER, the folder holding corpus.jsonl and <split>.jsonl")
+
+
 def register_resolvers() -> None:
     """Make `${demo_data_dir:}`, `${cache_dir:}` and `${project_dir:}` usable in YAML; safe to call repeatedly.
 
@@ -25,6 +33,7 @@ def register_resolvers() -> None:
     is started from; a relative path given on the command line stays relative to that folder, as usual."""
     resolvers = (
         ("demo_data_dir", lambda: str(DEMO_DATA_DIR)),
+        ("data_dir_required", data_dir_required),
         ("cache_dir", lambda: str(cache_dir())),
         ("project_dir", lambda: str(PROJECT_DIR)),
     )

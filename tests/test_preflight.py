@@ -223,3 +223,17 @@ def test_experiment_data_path_does_not_depend_on_the_working_folder(tmp_path):
     data_dir = Path(OmegaConf.create(printed).data.dir)
     assert data_dir.is_absolute()
     assert data_dir.resolve() == (ROOT.parent / "shared" / "data" / "convsearch-pack").resolve()
+
+
+def test_jsonl_data_without_a_folder_stops_instead_of_reading_the_demo(tmp_path):
+    """`data=jsonl` inherits the demo group's keys; without `data.dir` it must stop naming the setting, not score
+    the embedded demo conversations."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import InterpolationResolutionError
+
+    overrides = ["data=jsonl", "rewriter=raw", "logger=none", f"output_dir={tmp_path / 'out'}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    with pytest.raises(InterpolationResolutionError, match=r"data=jsonl needs data\.dir=FOLDER"):
+        run_evaluation(cfg)
+    assert not (tmp_path / "out" / "metrics.json").exists()
