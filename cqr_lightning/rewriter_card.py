@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 CARD_FILE = "cqr_rewriter.json"
 CARD_VERSION = 1
 BASE_MODEL_KEYS = ("name_or_path", "gguf_file", "tiny_seed", "load_in_4bit", "compute_dtype")
+BASE_IDENTITY_KEYS = ("name_or_path", "gguf_file", "tiny_seed")  # which weights; quantization and dtype may differ
 # card entry (section, key) -> the config key of evaluate/rewrite/export it sets
 CONFIG_KEYS = {
     **{("base_model", key): f"model.{key}" for key in BASE_MODEL_KEYS},
@@ -82,6 +83,38 @@ def read_card(folder: str | Path) -> dict[str, Any] | None:
     if not isinstance(card, dict) or card.get("format_version") != CARD_VERSION:
         raise ConfigError(f"model.adapter: {path} is not a version-{CARD_VERSION} rewriter card")
     return card
+
+
+def check_adapter_base(folder: str | Path, model_settings: Any) -> None:
+    """Stop before any weight loads when the adapter at `folder` was trained on another base model than the one
+    `model_settings` (the `model` group, any object with its keys as attributes) names: the LoRA would load
+    without complaint on a base of the same shapes and rewrite nonsense. An adapter without a card is not checked."""
+    card = read_card(folder)
+    trained = card.get("base_model") if card else None
+    if not isinstance(trained, Mapping):
+        return
+    differing = [
+        key
+        for key in BASE_IDENTITY_KEYS
+        if key in trained and not _same_base_value(trained[key], getattr(model_settings, key, None))
+    ]
+    if differing:
+        found = ", ".join(f"model.{key}={getattr(model_settings, key, None)!r}" for key in differing)
+        wanted = ", ".join(f"model.{key}={trained[key]!r}" for key in differing)
+        raise ConfigError(
+            f"model.adapter={folder} was trained on another base model ({Path(folder) / CARD_FILE}): the config "
+            f"has {found}, the adapter needs {wanted}; set those, or choose an adapter trained on this base"
+        )
+
+
+def _same_base_value(trained, current) -> bool:
+    """Equal, or two spellings of one existing local path."""
+    if trained == current:
+        return True
+    if isinstance(trained, str) and isinstance(current, str):
+        first, second = Path(trained).expanduser(), Path(current).expanduser()
+        return first.exists() and second.exists() and first.resolve() == second.resolve()
+    return False
 
 
 def card_settings(card: Mapping[str, Any]) -> dict[str, Any]:

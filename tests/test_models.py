@@ -237,6 +237,32 @@ def test_load_adapter_rejects_a_folder_without_adapter(tiny_cfg, tmp_path):
         load_policy(tiny_cfg, adapter=str(tmp_path))
 
 
+def test_adapter_of_another_base_stops_before_loading(tiny_cfg, tmp_path, monkeypatch):
+    """Same shapes, other weights (tiny_seed 0 against 1): the card says so, and nothing loads."""
+    from cqr_lightning.rewriter_card import write_card
+
+    saved = save_adapter(policy_with_nonzero_lora(tiny_cfg, seed=4), tmp_path / "adapter")
+    base = {"name_or_path": "tiny", "gguf_file": None, "tiny_seed": 1, "load_in_4bit": True, "compute_dtype": "float32"}
+    write_card(saved, {"format_version": 1, "base_model": base})
+    monkeypatch.setattr(loading, "load_base_model", lambda cfg: pytest.fail("the base loaded before the check"))
+    with pytest.raises(ConfigError, match=r"trained on another base model.*model\.tiny_seed=0.*model\.tiny_seed=1"):
+        load_policy(tiny_cfg, adapter=str(saved))
+    write_card(saved, {"format_version": 1, "base_model": {**base, "tiny_seed": 0, "load_in_4bit": False}})
+    with pytest.raises(pytest.fail.Exception, match="the base loaded"):  # quantization may differ: check passes
+        load_policy(tiny_cfg, adapter=str(saved))
+
+
+def test_adapter_of_other_shapes_is_one_error_naming_the_setting(tiny_cfg, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saved = save_adapter(policy_with_nonzero_lora(tiny_cfg, seed=5), tmp_path / "adapter")
+    weights = load_file(saved / "adapter_model.safetensors")
+    widened = {key: torch.cat([value, value], dim=-1) if "lora_A" in key else value for key, value in weights.items()}
+    save_file(widened, str(saved / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match=r"model\.adapter=.* does not fit this base model: \d+ LoRA weight\(s\)"):
+        load_policy(tiny_cfg, adapter=str(saved))
+
+
 def test_save_adapter_is_atomic(tiny_cfg, tokenizer, tmp_path, monkeypatch):
     target = tmp_path / "policy"
     first = policy_with_nonzero_lora(tiny_cfg, seed=4)

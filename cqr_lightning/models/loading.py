@@ -307,6 +307,11 @@ def load_policy(
     with every parameter frozen.
     """
     cfg = ModelConfig.from_cfg(cfg)
+    adapter = adapter or cfg.adapter
+    if adapter:
+        from cqr_lightning.rewriter_card import check_adapter_base
+
+        check_adapter_base(adapter, cfg)  # before the base loads: a mismatch is a config error, not a slow surprise
     base = load_base_model(cfg)
     checkpointing = cfg.gradient_checkpointing and trainable
     checkpoint_kwargs = {"use_reentrant": False}
@@ -320,7 +325,6 @@ def load_policy(
         # Training forwards then skip the KV cache quietly; `generate` asks for it explicitly.
         base.config.use_cache = False
 
-    adapter = adapter or cfg.adapter
     if adapter:
         model = load_adapter(base, adapter, trainable=trainable)
     else:
@@ -344,7 +348,8 @@ def load_adapter(
     if not (path / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"model.adapter: {path} holds no {ADAPTER_CONFIG} (not a saved peft adapter)")
     if not isinstance(model, PeftModel):
-        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=trainable)
+        with adapter_shapes_checked(path):
+            peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=trainable)
     elif adapter_name in model.peft_config:
         weights = load_peft_weights(str(path), device=str(next(model.parameters()).device))
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
@@ -356,10 +361,27 @@ def load_adapter(
             )
         peft_model = model
     else:
-        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=trainable)
+        with adapter_shapes_checked(path):
+            model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=trainable)
         peft_model = model
     fix_cpu_4bit_gradients(peft_model)
     return peft_model
+
+
+@contextmanager
+def adapter_shapes_checked(path: Path):
+    """Turn torch's list of size mismatches (one line per LoRA matrix) into one ConfigError naming the setting."""
+    try:
+        yield
+    except RuntimeError as err:
+        mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        raise ConfigError(
+            f"model.adapter={path} does not fit this base model: {len(mismatches)} LoRA weight(s) have other "
+            f"shapes, first {mismatches[0]} It was trained on another base: set model.name_or_path (and "
+            "model.gguf_file) to that base, or choose an adapter trained on this one"
+        ) from None
 
 
 def _write_adapter(model: PeftModel, directory: Path, adapter_name: str) -> Path:
