@@ -311,3 +311,14 @@ def test_smollm2_gguf_loads_in_4bit_and_generates():
     (sample,) = generate(model, tokenizer, [prompt], max_new_tokens=6)
     assert 0 < len(sample.response_ids) <= 6 and sample.text.strip()
     assert model.training
+
+
+def test_loading_a_policy_shows_no_deprecation_noise_from_peft(tiny_cfg, tmp_path):
+    import warnings
+
+    saved = save_adapter(policy_with_nonzero_lora(tiny_cfg, seed=6), tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_policy(tiny_cfg)
+        load_policy(tiny_cfg, adapter=str(saved), trainable=False)
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]

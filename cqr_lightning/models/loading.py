@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ from cqr_lightning.models import gguf, tiny
 from cqr_lightning.rewriter_card import write_card
 
 TINY = "tiny"
+PEFT_CHECKPOINTING_NAMES = r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -315,22 +317,23 @@ def load_policy(
     base = load_base_model(cfg)
     checkpointing = cfg.gradient_checkpointing and trainable
     checkpoint_kwargs = {"use_reentrant": False}
-    if cfg.load_in_4bit:
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
-        )
-    elif checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
-    if checkpointing:
-        # Training forwards then skip the KV cache quietly; `generate` asks for it explicitly.
-        base.config.use_cache = False
+    with peft_checkpointing_warnings_silenced():
+        if cfg.load_in_4bit:
+            base = prepare_model_for_kbit_training(
+                base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
+            )
+        elif checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        if checkpointing:
+            # Training forwards then skip the KV cache quietly; `generate` asks for it explicitly.
+            base.config.use_cache = False
 
-    if adapter:
-        model = load_adapter(base, adapter, trainable=trainable)
-    else:
-        model = get_peft_model(base, lora_config(cfg))
-        if not trainable:
-            model.requires_grad_(False)
+        if adapter:
+            model = load_adapter(base, adapter, trainable=trainable)
+        else:
+            model = get_peft_model(base, lora_config(cfg))
+            if not trainable:
+                model.requires_grad_(False)
     fix_cpu_4bit_gradients(model)
     return model.train() if trainable else model.eval()
 
@@ -366,6 +369,15 @@ def load_adapter(
         peft_model = model
     fix_cpu_4bit_gradients(peft_model)
     return peft_model
+
+
+@contextmanager
+def peft_checkpointing_warnings_silenced():
+    """peft still calls transformers' old gradient-checkpointing names, which warn on every model load: harmless
+    (the new names do the same) and not ours to fix, so they are hidden here and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", PEFT_CHECKPOINTING_NAMES, FutureWarning)
+        yield
 
 
 @contextmanager
