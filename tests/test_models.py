@@ -322,3 +322,20 @@ def test_loading_a_policy_shows_no_deprecation_noise_from_peft(tiny_cfg, tmp_pat
         load_policy(tiny_cfg)
         load_policy(tiny_cfg, adapter=str(saved), trainable=False)
     assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
+
+
+def test_auto_compute_dtype_follows_the_cpus_bf16_support(tmp_path):
+    from cqr_lightning.models.loading import cpu_has_native_bf16, native_bf16_in_cpu_flags
+
+    avx2_only = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+    graviton = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert not native_bf16_in_cpu_flags(avx2_only)
+    assert native_bf16_in_cpu_flags(sapphire) and native_bf16_in_cpu_flags(graviton)
+    assert not native_bf16_in_cpu_flags("model name\t: bf16 in the name only\n")  # only flag lines count
+    (tmp_path / "cpuinfo").write_text(sapphire)
+    assert cpu_has_native_bf16(tmp_path / "cpuinfo") and not cpu_has_native_bf16(tmp_path / "missing")
+
+    cfg = ModelConfig.from_cfg({"name_or_path": "tiny", "compute_dtype": "auto", "device": "cpu"})
+    assert cfg.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert ModelConfig.from_cfg({"name_or_path": "tiny", "compute_dtype": "float16"}).dtype == torch.float16
