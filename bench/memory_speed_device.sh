@@ -5,14 +5,14 @@
 # with fast_sampling + static_decoding and the entropy bonus on (rl.entropy_coef 0.001, the default config).
 # Each workload is one process (bench/memory_speed.py): a warm-up step, then the settings in turn.
 #
-#   bash bench/memory_speed_device.sh [DATA] [CHUNK]   DATA: the pack's corpus/dev (default /tmp/data);
-#                                                      CHUNK: tokens per chunk (default 1024)
+#   bash bench/memory_speed_device.sh [DATA] [CHUNKS]  DATA: the pack's corpus/dev (default /tmp/data);
+#                                                      CHUNKS: chunk sizes in tokens to try (default 1024,256)
 # With the wheels and data not yet under /tmp/site and DATA, carry .gpu_whl and .benchdata (built here by
 # bench/prepare_device_carry.sh) and this installs them first. Logs and JSON summaries go to $OUT.
 # DRY_RUN=1 runs both workloads on the CPU with the tiny model, 1 prompt, 4-token responses (checks the script only).
 set -u
 data=${1:-/tmp/data}
-chunk=${2:-1024}
+chunks=${2:-1024,256}
 out=${OUT:-/tmp/memory_speed}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -30,7 +30,7 @@ else
     >>"$out/gpu.txt" 2>&1
 fi
 python=${PYTHON:-python3}
-common=(--data "$data" --group 8 --fast --static --entropy-coef 0.001 --chunk-sizes "none,$chunk" --out "$out")
+common=(--data "$data" --group 8 --fast --static --entropy-coef 0.001 --chunk-sizes "none,$chunks" --out "$out")
 
 measure() {  # LABEL SECONDS ARGS...
   local label=$1 seconds=$2 started
@@ -42,5 +42,5 @@ measure() {  # LABEL SECONDS ARGS...
   grep -E "^step |Error|error" "$out/$label.log" | tail -8
 }
 
-measure r256 210 --prompts 4 --response 256 --micro-batch 8 --rounds 2
-measure paper 250 --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1
+measure r256 200 --prompts 4 --response 256 --micro-batch 8 --rounds 2
+measure paper 240 --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1
