@@ -125,30 +125,39 @@ def workload_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    parser = workload_parser()
+def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Settings of our module only (bench/trl_grpo_step.py has no counterpart)."""
     parser.add_argument("--fast", action="store_true", help="sample from the merged bf16 copy (fast_sampling)")
     parser.add_argument("--static", action="store_true", help="static KV cache, compiled decoding (static_decoding)")
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
-    args = parser.parse_args()
+    parser.add_argument("--entropy-coef", type=float, default=0.0, help="rl.entropy_coef (0: no entropy pass)")
+    parser.add_argument("--logprob-chunk-size", type=int, default=None, help="rl.logprob_chunk_size (none: off)")
+    return parser
 
+
+def qwen_model_config(args):
+    """conf/model/qwen2.5-3b.yaml pointed at the random checkpoint (built on first use)."""
+    model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen2.5-3b.yaml")
+    model_cfg.name_or_path = str(build_model_dir(args.data, args.model_dir))
+    model_cfg.max_prompt_length = args.max_prompt
+    return model_cfg
+
+
+def build_module(args, model_cfg, module_class=None):
+    """Our RLModule with the workload's settings, and the data module's config; (module, data_cfg)."""
     from cqr_lightning.models.loading import load_policy, load_tokenizer
     from cqr_lightning.modules.rl import RLModule
     from cqr_lightning.scoring import RetrievalScorer, open_reward_retriever
     from cqr_lightning.search import SearchPlan
-    from data_modules.conversations import ConversationDataModule
 
-    model_dir = build_model_dir(args.data, args.model_dir)
-    model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen2.5-3b.yaml")
-    model_cfg.name_or_path = str(model_dir)
-    model_cfg.max_prompt_length = args.max_prompt
     policy, tokenizer = load_policy(model_cfg), load_tokenizer(model_cfg)
-    free, total = torch.cuda.mem_get_info()
-    used, by_torch = (total - free) / 2**30, torch.cuda.memory_allocated() / 2**30
-    print(f"policy loaded: device used {used:.1f} GiB, torch {by_torch:.1f}")
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        used, by_torch = (total - free) / 2**30, torch.cuda.memory_allocated() / 2**30
+        print(f"policy loaded: device used {used:.1f} GiB, torch {by_torch:.1f}")
     retriever_cfg = OmegaConf.create({"name": "bm25s", "k": 100, "max_query_words": 1024, "index_dir": None})
     retriever = open_reward_retriever(retriever_cfg, str(args.data / "corpus.jsonl"))
-    module = RLModule(
+    module = (module_class or RLModule)(
         policy,
         tokenizer,
         group_size=args.group,
@@ -157,8 +166,10 @@ def main() -> None:
         micro_batch_size=args.micro_batch,
         max_prompt_length=args.max_prompt,
         lr=1e-5,
+        entropy_coef=args.entropy_coef,
         fast_sampling=args.fast,
         static_decoding=args.static,
+        logprob_chunk_size=args.logprob_chunk_size,
         scorer=RetrievalScorer(retriever, SearchPlan("rewrite", first_turn_as_asked=False)),  # as TRL's reward
     )
     data_dir = long_context_split(args.data) if args.long_context else args.data
@@ -166,6 +177,14 @@ def main() -> None:
         {"format": "jsonl", "dir": str(data_dir), "corpus": str(args.data / "corpus.jsonl"),
          "train_split": "dev", "eval_split": "dev", "shuffle_buffer": 0, "seed": 0}
     )  # fmt: skip
+    return module, data_cfg
+
+
+def main() -> None:
+    args = add_our_options(workload_parser()).parse_args()
+    from data_modules.conversations import ConversationDataModule
+
+    module, data_cfg = build_module(args, qwen_model_config(args))
     timings = Timings()
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(
@@ -192,6 +211,7 @@ def main() -> None:
     summary["trained_tokens_per_s"] = trained / (mean["time/forward_backward"] + mean.get("time/reference_logprobs", 0))
     args.out.mkdir(parents=True, exist_ok=True)
     variant = ("_fast" if args.fast else "") + ("_static" if args.static else "")
+    variant += f"_chunk{args.logprob_chunk_size}" if args.logprob_chunk_size else ""
     name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{variant}.json"
     (args.out / name).write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "all_steps"}, indent=2))

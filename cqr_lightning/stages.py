@@ -352,6 +352,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
             generation_batch_size=r.get("generation_batch_size"),
             fast_sampling=r.fast_sampling,
             static_decoding=r.get("static_decoding", False),
+            logprob_chunk_size=r.get("logprob_chunk_size"),
             scorer=scorer,
             **policy_settings(cfg, r),
         )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cqr_lightning.grpo.chunked_logprobs import chunked_response_log_probs
 from cqr_lightning.grpo.losses import token_entropy, token_log_probs
 
 
@@ -76,14 +77,19 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def response_log_probs(
-    model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False
+    model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probabilities (and optionally entropies) of the response tokens under `model`.
 
     Logits are divided by the sampling temperature, so the probabilities are those of the distribution
-    the responses were drawn from.  Only the logits that predict response tokens are materialised.
+    the responses were drawn from.  Only the logits that predict response tokens are materialised: all of
+    them at once, or with `chunk_size` those of that many response tokens at a time
+    (`chunked_logprobs.py`: same values, far less memory at a large vocabulary).
     Returns ([N, R], [N, R] or None); values at padded positions are meaningless and must be masked.
     """
+    if chunk_size is not None:
+        positions = position_ids(rollout.attention_mask)
+        return chunked_response_log_probs(model, rollout, positions, temperature, with_entropy, chunk_size)
     response_width = rollout.response_mask.shape[1]
     output = model(
         input_ids=rollout.input_ids,

@@ -54,6 +54,7 @@ class RLModule(PolicyModule):
         min_new_tokens: int = 0,
         fast_sampling: bool = False,
         static_decoding: bool = False,
+        logprob_chunk_size: int | None = None,
         **policy_kwargs,
     ):
         super().__init__(policy, tokenizer, **policy_kwargs)
@@ -74,6 +75,9 @@ class RLModule(PolicyModule):
         self.min_new_tokens = min_new_tokens  # > 0 only to force response lengths in benchmarks
         self.fast_sampling = fast_sampling
         self.static_decoding = static_decoding
+        if logprob_chunk_size is not None and logprob_chunk_size < 1:
+            raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
+        self.logprob_chunk_size = logprob_chunk_size  # None: all of a micro-batch's logits at once
         self._sampler = None
         self._sampler_step = -1
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
@@ -149,7 +153,7 @@ class RLModule(PolicyModule):
         out = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=self.device)
         for index in self.micro_batches(len(rollout)):
             part = rollout.select(index)
-            logp, _ = response_log_probs(model, part, self.temperature)
+            logp, _ = response_log_probs(model, part, self.temperature, chunk_size=self.logprob_chunk_size)
             out[index, : part.response_mask.shape[1]] = logp.float()
         return out[:, :width]
 
@@ -182,7 +186,9 @@ class RLModule(PolicyModule):
                 part = rollout.select(index)
                 width = part.response_mask.shape[1]
                 with_entropy = bool(self.entropy_coef)
-                logp, entropy = response_log_probs(self.policy, part, self.temperature, with_entropy=with_entropy)
+                logp, entropy = response_log_probs(
+                    self.policy, part, self.temperature, with_entropy=with_entropy, chunk_size=self.logprob_chunk_size
+                )
                 loss, stats = grpo_loss(
                     logp,
                     old_logp[index, :width] if old_logp is not None else logp.detach(),
