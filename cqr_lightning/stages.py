@@ -32,6 +32,7 @@ from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.preflight import check_training_inputs, evaluation_splits
 from cqr_lightning.rewriter_card import rewriter_card
+from cqr_lightning.trainer_flags import trainer_flags
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -80,9 +81,8 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
         save_top_k=1,
     )
     return L.Trainer(
+        **trainer_flags(cfg),
         default_root_dir=stage_dir,
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
         logger=logger if logger is not None else False,
         callbacks=[
             *callbacks,
@@ -91,7 +91,6 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
             checkpoint,
         ],
         plugins=[AtomicCheckpointIO()],
-        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_sanity_val_steps=0,
         enable_model_summary=False,
         val_check_interval=int(stage_cfg.val_every_n_steps),
@@ -207,8 +206,7 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
     )
     datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
     trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
+        **trainer_flags(cfg),
         logger=False,
         enable_model_summary=False,
         callbacks=[StopOnSigterm()],
