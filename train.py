@@ -6,6 +6,7 @@ See conf/train.yaml for every setting; `python train.py --cfg job --resolve` pri
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -38,11 +39,21 @@ def run(cfg: DictConfig):
     return stages.run_pipeline(cfg, run_dir)
 
 
+def launched_run_dir(cfg: DictConfig) -> None:
+    """In a process that Lightning's DDP launcher started, use the main process's run folder: Lightning passes it
+    as `hydra.run.dir`, while a default `run_dir` (a timestamp) would resolve to this process's start time."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0 and HydraConfig.initialized():
+        cfg.run_dir = HydraConfig.get().run.dir
+
+
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    launched_run_dir(cfg)
     try:
         result = run(cfg)
     except SIGTERMException:

@@ -28,7 +28,9 @@ class BestAdapterCallback(L.Callback):
         if self.best is None or value > self.best:
             from cqr_lightning.models.loading import save_adapter
 
-            self.best = value
+            self.best = value  # on every process (it is the same there), so each resumes with it
+            if not trainer.is_global_zero:  # under DDP the main process writes the files
+                return
             save_adapter(pl_module.policy, self.path, tokenizer=self.tokenizer, card=self.card)
             write_json(self.dirpath / "best_adapter.json", {self.monitor: value, "step": trainer.global_step})
 

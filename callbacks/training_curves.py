@@ -1,4 +1,6 @@
-"""Keep the reward and dev-metric curves in the run folder (CSV, survives resume) and plot them at the end."""
+"""Keep the reward and dev-metric curves in the run folder (CSV, survives resume) and plot them at the end.
+
+Under DDP the metrics are already reduced over the processes; the main process writes the files."""
 
 from __future__ import annotations
 
@@ -28,15 +30,15 @@ class TrainingCurvesCallback(L.Callback):
             writer.writerow([step, name, f"{value:.6f}"])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.train_metric in trainer.callback_metrics:
+        if trainer.is_global_zero and self.train_metric in trainer.callback_metrics:
             self._append(trainer.global_step, self.train_metric, float(trainer.callback_metrics[self.train_metric]))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.sanity_checking and self.val_metric in trainer.callback_metrics:
+        if trainer.is_global_zero and not trainer.sanity_checking and self.val_metric in trainer.callback_metrics:
             self._append(trainer.global_step, self.val_metric, float(trainer.callback_metrics[self.val_metric]))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not self.csv_path.exists():
+        if not trainer.is_global_zero or not self.csv_path.exists():
             return
         figure_path = plot_curves(self.csv_path, self.dirpath / "curves.png")
         for logger in trainer.loggers:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 
+from cqr_lightning.distributed import sample_seed
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import ParsedResponse, lenient_rewrite, parse_response, response_prefix
 from cqr_lightning.models.generation import generate
@@ -115,7 +116,11 @@ class SampledTurn:
 
 
 class RewriteSampler(L.LightningModule):
-    """Samples N few-shot rewrites per turn through Lightning's predict loop (progress bar included)."""
+    """Samples N few-shot rewrites per turn through Lightning's predict loop (progress bar included).
+
+    Each batch is seeded from `seed` and its first turn's place in the file, so a turn's samples do not depend
+    on which DDP process draws them. `predict_step` returns (index in the file, SampledTurn) pairs.
+    """
 
     def __init__(
         self,
@@ -129,6 +134,7 @@ class RewriteSampler(L.LightningModule):
         response_format: str = THINK_REWRITE,
         batch_size: int | None = None,
         prefill: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         self.prefill = response_prefix(response_format) if prefill else ""
@@ -141,6 +147,7 @@ class RewriteSampler(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.response_format = response_format
         self.batch_size = batch_size
+        self.seed = seed
 
     def predict_step(self, batch, batch_idx: int) -> list[SampledTurn]:
         turns = batch.turns
@@ -156,8 +163,10 @@ class RewriteSampler(L.LightningModule):
             top_p=self.top_p,
             num_return_sequences=self.num_samples,
             batch_size=self.batch_size,
+            seed=sample_seed(self.seed, 0, batch.indices[0]),
         )
         responses: list[list[str]] = [[] for _ in turns]
         for sample in samples:
             responses[sample.prompt_index].append(self.prefill + sample.text)
-        return [SampledTurn(turn, texts) for turn, texts in zip(turns, responses, strict=True)]
+        pairs = zip(batch.indices, turns, responses, strict=True)
+        return [(index, SampledTurn(turn, texts)) for index, turn, texts in pairs]

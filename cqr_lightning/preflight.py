@@ -111,7 +111,10 @@ def training_groups(cfg) -> list[str]:
 
 
 def check_training_inputs(cfg) -> None:
-    """Pre-flight of `train.py`: the stage's settings, the corpus and every split it will read."""
+    """Pre-flight of `train.py`: the stage's and the Trainer's settings, the corpus and every split it will read."""
+    from cqr_lightning.trainer_flags import check_trainer_settings
+
+    check_trainer_settings(cfg)
     check_inputs(cfg, training_splits(cfg), training_groups(cfg))
 
 

@@ -8,6 +8,10 @@ Each stage works in its own folder of the run directory:
 
 A stage whose final adapter exists is not run again; a stage with checkpoints resumes from the newest one that
 loads (`resume: true`), in the same MLflow run.
+
+Under DDP (`trainer=ddp`) every process runs these stages: each builds its Trainer first and loads its own model
+on that Trainer's device; the main process alone logs to MLflow and writes the run folder's files, and the others
+wait for it (`strategy.barrier`) where they read what it wrote. The final evaluation runs on the main process.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
+from cqr_lightning.distributed import gather_objects, is_main_process, per_rank_batch
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.preflight import check_training_inputs, evaluation_splits
 from cqr_lightning.rewriter_card import rewriter_card
+from cqr_lightning.trainer_flags import trainer_flags
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -66,7 +72,8 @@ def checkpoint_to_resume(cfg: DictConfig, stage_dir: Path) -> str | None:
     if cfg.get("ckpt_path"):
         return checked_checkpoint(cfg.ckpt_path)
     if not cfg.get("resume", True):
-        set_aside(stage_dir / "checkpoints")
+        if is_main_process():  # under DDP the main process moves the old checkpoints once
+            set_aside(stage_dir / "checkpoints")
         return None
     chosen = choose_checkpoint(checkpoint_files(stage_dir / "checkpoints"))
     return str(chosen) if chosen else None
@@ -80,9 +87,8 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
         save_top_k=1,
     )
     return L.Trainer(
+        **trainer_flags(cfg),
         default_root_dir=stage_dir,
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
         logger=logger if logger is not None else False,
         callbacks=[
             *callbacks,
@@ -91,7 +97,6 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
             checkpoint,
         ],
         plugins=[AtomicCheckpointIO()],
-        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_sanity_val_steps=0,
         enable_model_summary=False,
         val_check_interval=int(stage_cfg.val_every_n_steps),
@@ -116,10 +121,11 @@ def remember_run(module, logger) -> None:
         module.extras["mlflow_run_id"] = logger.run_id
 
 
-def load_model(cfg: DictConfig, adapter: str | None):
-    from cqr_lightning.models.loading import load_policy, load_tokenizer
+def load_policy_on(cfg: DictConfig, trainer: L.Trainer, adapter: str | None):
+    """The LoRA policy on this process's device (`trainer.strategy.root_device`: under DDP, the local rank's)."""
+    from cqr_lightning.models.loading import load_policy
 
-    return load_policy(cfg.model, adapter=adapter), load_tokenizer(cfg.model)
+    return load_policy(OmegaConf.merge(cfg.model, {"device": str(trainer.strategy.root_device)}), adapter=adapter)
 
 
 def open_stage_retriever(cfg: DictConfig):
@@ -175,16 +181,20 @@ def start_stage(cfg: DictConfig, run_dir: Path, name: str) -> StageStart | None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_to_resume(cfg, stage_dir)
     run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
-    return StageStart(stage_dir, ckpt, make_logger(cfg, name, run_dir, run_id))
+    logger = make_logger(cfg, name, run_dir, run_id) if is_main_process() else None  # DDP: the main process logs
+    return StageStart(stage_dir, ckpt, logger)
 
 
 # --- warm-up ---------------------------------------------------------------------------------------
 
 
-def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, logger) -> Path:
-    """Sample, filter by retrieval and write `distilled.jsonl` (reused when present unless told not to)."""
-    from cqr_lightning.distill import RewriteSampler, distill
-    from cqr_lightning.prompts import render_prompt
+def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, tokenizer, scorer, logger) -> Path:
+    """Sample, filter by retrieval and write `distilled.jsonl` (reused when present unless told not to).
+
+    Under DDP each process samples its share of the turns (`trainer`'s predict loop); the main process gathers
+    them in file order, filters and writes the files while the others wait, so the file is the one a single
+    process writes (sampling is seeded per batch, cqr_lightning/distributed.py)."""
+    from cqr_lightning.distill import RewriteSampler
     from data_modules.conversations import ConversationDataModule
 
     w = cfg.warmup
@@ -204,17 +214,25 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
         max_new_tokens=w.max_new_tokens,
         response_format=cfg.response_format,
         prefill=w.prefill_response,
+        seed=int(cfg.seed),
     )
     datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        logger=False,
-        enable_model_summary=False,
-        callbacks=[StopOnSigterm()],
-    )
     batches = trainer.predict(sampler, datamodule=datamodule)
-    sampled = [pair for batch in batches for pair in batch]
+    indexed = gather_objects([pair for batch in batches for pair in batch])
+    if trainer.is_global_zero:
+        sampled = [pair for _, pair in sorted(indexed, key=lambda item: item[0])]
+        write_distilled(cfg, stage_dir, sampled, tokenizer, scorer, logger)
+    trainer.strategy.barrier("distilled.jsonl written")
+    return distilled_path
+
+
+def write_distilled(cfg: DictConfig, stage_dir: Path, sampled: list, tokenizer, scorer, logger) -> None:
+    """Filter the sampled turns by retrieval; write `distilled.jsonl` and `distill_stats.json`, log the yield."""
+    from cqr_lightning.distill import distill
+    from cqr_lightning.prompts import render_prompt
+
+    w = cfg.warmup
+    distilled_path = stage_dir / "distilled.jsonl"
 
     def prompt_for(turn):
         return render_prompt(tokenizer, turn, cfg.model.max_prompt_length, False, cfg.response_format)
@@ -228,7 +246,6 @@ def self_distill(cfg: DictConfig, stage_dir: Path, policy, tokenizer, scorer, lo
         for bucket, count in stats["rank_histogram"].items():
             logger.log_metrics({f"distill/{bucket}": float(count)})
         log_artifacts(logger, distilled_path, stage_dir / "distill_stats.json")
-    return distilled_path
 
 
 def count_lines(path: Path) -> int:
@@ -237,6 +254,7 @@ def count_lines(path: Path) -> int:
 
 
 def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
+    from cqr_lightning.models.loading import load_tokenizer
     from cqr_lightning.modules.warmup import WarmupModule
     from data_modules.distilled import DistilledDataModule
 
@@ -246,10 +264,13 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         return final_adapter(run_dir / "warmup")
     stage_dir, ckpt, logger = stage.dir, stage.ckpt, stage.logger
     w = cfg.warmup
-    policy, tokenizer = load_model(cfg, cfg.model.get("adapter"))
+    sampling = L.Trainer(**trainer_flags(cfg), logger=False, enable_model_summary=False, callbacks=[StopOnSigterm()])
+    batch_size = per_rank_batch(w.batch_size, sampling.world_size, "warmup.batch_size")
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_policy_on(cfg, sampling, cfg.model.get("adapter"))
     with open_stage_retriever(cfg) as retriever:
         scorer = stage_scorer(cfg, retriever)
-        distilled = self_distill(cfg, stage_dir, policy, tokenizer, scorer, logger)
+        distilled = self_distill(cfg, stage_dir, sampling, policy, tokenizer, scorer, logger)
         n_examples = count_lines(distilled)
         if n_examples == 0:
             stats_path = stage_dir / "distill_stats.json"
@@ -263,7 +284,14 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
                 "loosen warmup.keep_rank, or for a small model use response_format=rewrite_only with "
                 "warmup.prefill_response=true and warmup.lenient_format=true"
             )
-        steps_per_epoch = math.ceil(n_examples / w.batch_size / w.accumulate_grad_batches)
+        # under DDP an epoch's last global batch is left out when it cannot give every process a full share
+        batches = n_examples // w.batch_size if sampling.world_size > 1 else math.ceil(n_examples / w.batch_size)
+        if batches == 0:
+            raise ConfigError(
+                f"warmup.batch_size={w.batch_size} (the global batch) is more than the {n_examples} distilled "
+                f"examples: lower it, or use fewer processes"
+            )
+        steps_per_epoch = math.ceil(batches / w.accumulate_grad_batches)
         total_steps = steps_per_epoch * w.epochs
         module = WarmupModule(
             policy,
@@ -281,7 +309,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         )
         remember_run(module, logger)
         datamodule = DistilledDataModule(
-            distilled, cfg.data, batch_size=w.batch_size, eval_batch_size=w.val_batch_size, val_limit=w.val_limit
+            distilled, cfg.data, batch_size=batch_size, eval_batch_size=w.val_batch_size, val_limit=w.val_limit
         )
         trainer = make_trainer(
             cfg,
@@ -298,14 +326,18 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
         )
         if w.validate_before and ckpt is None:
             before = trainer.validate(module, datamodule=datamodule, verbose=False)
-            write_json(stage_dir / "val_before.json", before[0] if before else {})
+            if trainer.is_global_zero:
+                write_json(stage_dir / "val_before.json", before[0] if before else {})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         after = trainer.validate(module, datamodule=datamodule, verbose=False)
-        write_json(stage_dir / "val_after.json", after[0] if after else {})
+        if trainer.is_global_zero:
+            write_json(stage_dir / "val_after.json", after[0] if after else {})
     from cqr_lightning.models.loading import save_adapter
 
-    save_adapter(policy, final_adapter(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens))
-    log_artifacts(logger, final_adapter(stage_dir))
+    if trainer.is_global_zero:
+        save_adapter(policy, final_adapter(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens))
+        log_artifacts(logger, final_adapter(stage_dir))
+    trainer.strategy.barrier("warm-up adapter written")  # the RL stage of every process reads it
     return final_adapter(stage_dir)
 
 
@@ -313,7 +345,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
-    from cqr_lightning.models.loading import load_adapter, save_adapter
+    from cqr_lightning.models.loading import load_adapter, load_tokenizer, save_adapter
     from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
     from data_modules.conversations import ConversationDataModule
 
@@ -323,7 +355,22 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         return final_adapter(run_dir / "rl")
     stage_dir, ckpt, logger = stage.dir, stage.ckpt, stage.logger
     r = cfg.rl
-    policy, tokenizer = load_model(cfg, adapter)
+    tokenizer = load_tokenizer(cfg.model)
+    card = rewriter_card(cfg, r.max_new_tokens)
+    trainer = make_trainer(
+        cfg,
+        r,
+        stage_dir,
+        logger,
+        [
+            RolloutTableCallback(r.table_every_n_steps),
+            TrainingCurvesCallback(str(stage_dir)),
+            BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=card),
+        ],
+        max_steps=r.max_steps,
+    )
+    batch_size = per_rank_batch(r.batch_size, trainer.world_size, "rl.batch_size")
+    policy = load_policy_on(cfg, trainer, adapter)
     if adapter:
         load_adapter(policy, adapter, trainable=False, adapter_name=REFERENCE_ADAPTER)
         policy.set_adapter("default")
@@ -353,37 +400,27 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
             fast_sampling=r.fast_sampling,
             static_decoding=r.get("static_decoding", False),
             logprob_chunk_size=r.get("logprob_chunk_size"),
+            seed=int(cfg.seed),
             scorer=scorer,
             **policy_settings(cfg, r),
         )
         remember_run(module, logger)
         datamodule = ConversationDataModule(
             cfg.data,
-            batch_size=r.batch_size,
+            batch_size=batch_size,
             eval_batch_size=r.val_batch_size,
             val_limit=r.val_limit,
-            skip_train_ids=skipped_rl_turns(cfg, stage_dir, retriever),
-        )
-        trainer = make_trainer(
-            cfg,
-            r,
-            stage_dir,
-            logger,
-            [
-                RolloutTableCallback(r.table_every_n_steps),
-                TrainingCurvesCallback(str(stage_dir)),
-                BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, r.max_new_tokens)),
-            ],
-            max_steps=r.max_steps,
+            skip_train_ids=skipped_rl_turns(cfg, stage_dir, retriever, trainer.world_size),
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    card = rewriter_card(cfg, r.max_new_tokens)
-    save_adapter(policy, final_adapter(stage_dir), adapter_name="default", tokenizer=tokenizer, card=card)
-    log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
+    if trainer.is_global_zero:
+        save_adapter(policy, final_adapter(stage_dir), adapter_name="default", tokenizer=tokenizer, card=card)
+        log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
+    trainer.strategy.barrier("RL adapter written")
     return final_adapter(stage_dir)
 
 
-def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever) -> frozenset[str]:
+def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever, world_size: int = 1) -> frozenset[str]:
     """The training turns GRPO leaves out, written to `skipped_turns.json`: first turns when
     `search.first_turn_as_asked` (their rewrite is never searched, so every sample earns the same reward and the
     group teaches nothing), and the turns `rl.skip_turns_solved_at_rank` names. Retrieval is deterministic, so a
@@ -394,9 +431,10 @@ def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever) -> frozenset[s
 
     max_rank = int(cfg.rl.get("skip_turns_solved_at_rank") or 0)
     plan = SearchPlan.from_config(cfg.get("search"))
-    if max_rank <= 0 and not plan.first_turn_as_asked:
-        return frozenset()
     turns = list(turn_reader(cfg.data, cfg.data.train_split)())
+    if max_rank <= 0 and not plan.first_turn_as_asked:
+        check_global_batch(len(turns), int(cfg.rl.batch_size), world_size)
+        return frozenset()
     first_turns = {t.id for t in turns if not t.history} if plan.first_turn_as_asked else set()
     solved: set[str] = set()
     if max_rank > 0:
@@ -417,9 +455,21 @@ def skipped_rl_turns(cfg: DictConfig, stage_dir: Path, retriever) -> frozenset[s
         len(solved),
         max_rank,
     )
+    check_global_batch(len(turns) - len(skipped), int(cfg.rl.batch_size), world_size)
     summary = {"max_rank": max_rank, "turns": len(turns), "first_turns": len(first_turns), "solved": len(solved)}
-    write_json(stage_dir / "skipped_turns.json", {**summary, "skipped": sorted(skipped)})
+    if is_main_process():
+        write_json(stage_dir / "skipped_turns.json", {**summary, "skipped": sorted(skipped)})
     return frozenset(skipped)
+
+
+def check_global_batch(n_turns: int, global_batch: int, world_size: int) -> None:
+    """Under DDP an epoch's last global batch is left out when it cannot give every process a full share, so
+    fewer training turns than one global batch would leave every epoch empty."""
+    if world_size > 1 and n_turns < global_batch:
+        raise ConfigError(
+            f"rl.batch_size={global_batch} (the global batch) is more than the {n_turns} training turns GRPO "
+            "trains on: lower it"
+        )
 
 
 # --- evaluation after training ----------------------------------------------------------------------
@@ -466,6 +516,8 @@ def slug(label: str) -> str:
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict]:
     warm = run_warmup(cfg, run_dir) if cfg.pipeline.warmup else cfg.model.get("adapter")
     trained = run_rl(cfg, run_dir, str(warm) if warm else None)
+    if not is_main_process():  # under DDP the main process evaluates; the others are done
+        return {}
     adapters: dict[str, str | None] = {}
     if cfg.eval.get("untuned_row", True):
         adapters["untuned model"] = None

@@ -5,6 +5,10 @@ resumed run replays the same order and skips the turns it had already trained on
 carries the stream position reached after it; `callbacks.StreamPositionCallback` records the
 position of the last batch actually trained on (Lightning prefetches one batch ahead, so the
 stream's own counter would run one batch early).
+
+Under DDP each process reads the whole stream and keeps its share (`Shard`): the stream is cut into windows of
+`block x count` items and process r keeps the r-th block of each window, so one window is one global batch, the
+processes together see every item once, and the global batch of a step holds the same items as on one process.
 """
 
 from __future__ import annotations
@@ -31,16 +35,39 @@ class StreamPosition:
     consumed: int  # turns of this epoch already yielded
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Process `rank` of `count` keeps the `rank`-th block of `block` items of every window of `block x count`.
+
+    With `drop_incomplete` a last window too short to give every process a full block is left out (training:
+    every process must take the same number of steps); otherwise its items are shared out as far as they go.
+    """
+
+    rank: int
+    count: int
+    block: int
+    drop_incomplete: bool = False
+
+    @property
+    def window(self) -> int:
+        return self.block * self.count
+
+    def keeps(self, offset: int) -> bool:
+        """Whether the item at `offset` within its window is this process's."""
+        return offset // self.block == self.rank
+
+
 class TurnBatch:
-    """Turns (or other records) of one batch and the stream position after it.
+    """Turns (or other records) of one batch, their indices in the stream's epoch and the position after it.
 
     A plain class on purpose: Lightning moves dataclass batches to the device field by field, which
     fails on frozen records; text batches need no moving.
     """
 
-    def __init__(self, turns: list, position: StreamPosition):
+    def __init__(self, turns: list, position: StreamPosition, indices: list[int] | None = None):
         self.turns = turns
         self.position = position
+        self.indices = indices if indices is not None else list(range(len(turns)))
 
     def __len__(self) -> int:
         return len(self.turns)
@@ -69,30 +96,53 @@ class TurnStream(IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         limit: int | None = None,
+        shard: Shard | None = None,
     ):
         self.make_turns = make_turns
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.limit = limit
+        self.shard = shard
         self.position = StreamPosition(epoch=0, consumed=0)
 
-    def __iter__(self) -> Iterator[tuple[Turn, StreamPosition]]:
+    def __iter__(self) -> Iterator[tuple[Turn, StreamPosition, int]]:
+        """(item, position after it, its index in the epoch); with a shard, the position after its window."""
         epoch, skip = self.position.epoch, self.position.consumed
         turns = self.make_turns()
         if self.limit is not None:
             turns = itertools.islice(turns, self.limit)
         if self.shuffle_buffer > 1:
             turns = shuffle_buffered(turns, self.shuffle_buffer, random.Random(self.seed + epoch))
-        for index, turn in enumerate(turns):
-            if index < skip:
-                continue
-            self.position = StreamPosition(epoch, index + 1)
-            yield turn, self.position
+        indexed = ((index, turn) for index, turn in enumerate(turns) if index >= skip)
+        if self.shard is None:
+            for index, turn in indexed:
+                self.position = StreamPosition(epoch, index + 1)
+                yield turn, self.position, index
+        else:
+            yield from self._shared(indexed, epoch)
         self.position = StreamPosition(epoch + 1, 0)
 
+    def _shared(self, indexed: Iterator[tuple[int, Turn]], epoch: int):
+        shard = self.shard
+        window: list[tuple[int, Turn]] = []
+        for index, turn in indexed:
+            window.append((index, turn))
+            if len(window) == shard.window:
+                yield from self._keep(window, epoch)
+                window = []
+        if window and not shard.drop_incomplete:
+            yield from self._keep(window, epoch)
 
-def collate_turns(items: list[tuple[Turn, StreamPosition]]) -> TurnBatch:
-    return TurnBatch(turns=[turn for turn, _ in items], position=items[-1][1])
+    def _keep(self, window: list[tuple[int, Turn]], epoch: int):
+        end = StreamPosition(epoch, window[-1][0] + 1)
+        for index, turn in window:
+            if self.shard.keeps(index - window[0][0]):
+                self.position = end
+                yield turn, end, index
+
+
+def collate_turns(items: list[tuple[Turn, StreamPosition, int]]) -> TurnBatch:
+    return TurnBatch([turn for turn, _, _ in items], items[-1][1], [index for _, _, index in items])
 
 
 def read_corpus_ids(path: str | Path) -> frozenset[str]:
@@ -111,7 +161,11 @@ def _corpus_ids(path: str, size: int, mtime_ns: int) -> frozenset[str]:
 
 
 class ConversationDataModule(L.LightningDataModule):
-    """Train/val/predict streams over the splits named by a `data` config."""
+    """Train/val/predict streams over the splits named by a `data` config.
+
+    `batch_size` is the training batch of one process (under DDP, the global batch divided by the processes);
+    `eval_batch_size` the validation and sampling batch of one process.
+    """
 
     def __init__(
         self,
@@ -143,7 +197,11 @@ class ConversationDataModule(L.LightningDataModule):
     def ordered_stream(self, split: str, limit: int | None) -> TurnStream:
         return TurnStream(turn_reader(self.data_cfg, split, self.known_ids()), limit=limit)
 
-    def _loader(self, stream: TurnStream, batch_size: int) -> DataLoader:
+    def _loader(self, stream: TurnStream, batch_size: int, training: bool = False) -> DataLoader:
+        """Batches of `batch_size` items; under DDP, of this process's share of the stream (module docstring)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            stream.shard = Shard(trainer.global_rank, trainer.world_size, batch_size, drop_incomplete=training)
         return DataLoader(stream, batch_size=batch_size, collate_fn=collate_turns, num_workers=0)
 
     def train_items(self) -> Callable[[], Iterator]:
@@ -161,7 +219,7 @@ class ConversationDataModule(L.LightningDataModule):
             limit=self.train_limit,
         )
         self._train_stream.position = self.train_position
-        return self._loader(self._train_stream, self.batch_size)
+        return self._loader(self._train_stream, self.batch_size, training=True)
 
     def val_dataloader(self) -> DataLoader:
         split = validation_split(self.data_cfg)

@@ -51,7 +51,7 @@ class ScriptedRollouts(RLModule):
 
     responses: list[str] = []
 
-    def sample(self, turns):
+    def sample(self, turns, indices=None, epoch=0):
         samples = []
         for index, prompt in enumerate(self.prompts(turns)):
             prompt_ids = tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

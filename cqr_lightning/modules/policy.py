@@ -1,7 +1,9 @@
 """What both training stages share: the LoRA policy, retrieval-scored validation, lean checkpoints.
 
 Checkpoints hold only the trainable (LoRA) weights plus optimizer, scheduler, loop, data and RNG
-state: never the base model, which is reloaded from its source on resume.
+state: never the base model, which is reloaded from its source on resume. Under DDP the main process writes
+them and every process restores its RNG state: the processes share it (same seed, same draws; sampling is
+seeded per call, cqr_lightning/distributed.py), so the main process's state is every process's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from cqr_lightning.distributed import gather_objects
 from cqr_lightning.evaluation import SHARE_NAMES
 from cqr_lightning.formatting import parse_response
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics
@@ -31,6 +34,7 @@ def capture_rng_state() -> dict:
         "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
         "numpy_pos": int(numpy_state[2]),
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's device
     }
 
 
@@ -38,6 +42,8 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class PolicyModule(L.LightningModule):
@@ -96,12 +102,13 @@ class PolicyModule(L.LightningModule):
                 self._val_results.append({**result.metrics, **shares})
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_results:
+        rows = gather_objects(self._val_results)  # under DDP each process validated its share of the turns
+        if not rows:
             return
-        summary = summarize_rows(self._val_results)
+        summary = summarize_rows(rows)
         for name in (*METRIC_NAMES, *SHARE_NAMES):
             key = metric_key(f"val/{name}")  # val/mrr_at_3: '@' is not allowed in MLflow metric names
-            self.log(key, summary[name], prog_bar=name == "mrr@3", batch_size=len(self._val_results))
+            self.log(key, summary[name], prog_bar=name == "mrr@3", batch_size=len(rows), sync_dist=True)
 
     # lean, resumable checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,15 +9,23 @@ One training step = one rollout batch:
    (- entropy bonus), backward; then clip, optimizer step, scheduler step.
 With one update per rollout the "old" log-probs equal the current ones (ratio 1), so they are taken
 from the same forward pass; with more, they are computed once, without gradient, before updating.
+
+Under DDP each process samples and scores whole groups for its share of the step's prompts; the loss is
+normalised by the token and sequence counts of the whole global batch (summed over the processes), and scaled by
+the number of processes because DDP averages the gradients, so the update is the one a single process would make
+on the global batch. Each generation call is seeded from `seed` and its first prompt's place in the stream, so
+with `generation_batch_size` dividing the per-process batch, one process and DDP draw the same samples.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
+from cqr_lightning.distributed import sample_seed
 from cqr_lightning.grpo.losses import group_advantages, grpo_loss
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
 from cqr_lightning.models.generation import generate
@@ -55,6 +63,7 @@ class RLModule(PolicyModule):
         fast_sampling: bool = False,
         static_decoding: bool = False,
         logprob_chunk_size: int | None = None,
+        seed: int = 0,
         **policy_kwargs,
     ):
         super().__init__(policy, tokenizer, **policy_kwargs)
@@ -78,6 +87,7 @@ class RLModule(PolicyModule):
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
         self.logprob_chunk_size = logprob_chunk_size  # None: all of a micro-batch's logits at once
+        self.seed = seed
         self._sampler = None
         self._sampler_step = -1
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
@@ -126,22 +136,29 @@ class RLModule(PolicyModule):
         self._sampler_step = self.global_step
         return self._sampler.model
 
-    def sample(self, turns):
-        samples = generate(
-            self.generation_model(),
-            self.tokenizer,
-            self.prompts(turns),
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            num_return_sequences=self.group_size,
-            batch_size=self.generation_batch_size,
-            static_cache_width=self.max_prompt_length if self.static_decoding else None,
-        )
-        samples = sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
-        return samples
+    def sample(self, turns, indices=None, epoch: int = 0):
+        """G samples per turn, group-contiguous; each generation call seeded from the stream index of its first
+        turn (`indices`, the turns' places in epoch `epoch` of the stream)."""
+        indices = list(range(len(turns))) if indices is None else list(indices)
+        prompts = self.prompts(turns)
+        step = self.generation_batch_size or len(turns)
+        samples = []
+        for start in range(0, len(turns), step):
+            chunk = generate(
+                self.generation_model(),
+                self.tokenizer,
+                prompts[start : start + step],
+                max_new_tokens=self.max_new_tokens,
+                min_new_tokens=self.min_new_tokens,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                num_return_sequences=self.group_size,
+                seed=sample_seed(self.seed, epoch, indices[start]),
+                static_cache_width=self.max_prompt_length if self.static_decoding else None,
+            )
+            samples += [replace(s, prompt_index=start + s.prompt_index) for s in chunk]
+        return sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
 
     def micro_batches(self, n: int):
         for start in range(0, n, self.micro_batch_size):
@@ -172,14 +189,28 @@ class RLModule(PolicyModule):
         self.timings = {}
         turns = batch.turns
         with self.timed("generation"):
-            samples = self.sample(turns)
+            samples = self.sample(turns, batch.indices, batch.position.epoch)
         with self.timed("reward"):
             rewards = self.scorer.score([turns[s.prompt_index] for s in samples], [s.text for s in samples])
         self.update(samples, rewards, n_prompts=len(turns))
 
+    @property
+    def world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def global_sum(self, value: float) -> float:
+        """`value` summed over the DDP processes (itself on one process)."""
+        if self.world_size == 1:
+            return value
+        total = self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="sum")
+        return float(total)
+
     def accumulate_gradients(self, rollout: Rollout, advantages, old_logp, ref_logp) -> dict[str, float]:
-        """Backward the GRPO loss over micro-batches; the sum of their losses is the whole batch's loss."""
-        n, total_tokens = len(rollout), float(rollout.response_mask.sum().clamp(min=1))
+        """Backward the GRPO loss over micro-batches; the sum of their losses is the whole batch's loss. Under DDP
+        the counts are the global batch's and each process's stats are its share of the global values."""
+        n = len(rollout)
+        total_tokens = self.global_sum(float(rollout.response_mask.sum())) or 1.0
+        total_sequences = self.global_sum(float(n))
         totals: dict[str, float] = {}
         for _ in range(self.updates_per_rollout):
             for index in self.micro_batches(n):
@@ -202,9 +233,9 @@ class RLModule(PolicyModule):
                     mode=self.loss_aggregation,
                     constant=self.loss_constant,
                     num_tokens_total=total_tokens,
-                    num_sequences_total=float(n),
+                    num_sequences_total=total_sequences,
                 )
-                self.manual_backward(loss / self.updates_per_rollout)
+                self.manual_backward(loss * self.world_size / self.updates_per_rollout)  # DDP averages gradients
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / self.updates_per_rollout
         return totals
@@ -235,16 +266,19 @@ class RLModule(PolicyModule):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-        metrics = {f"train/{k}": v for k, v in totals.items()}
-        metrics.update({f"train/{k}": v for k, v in reward_statistics(rewards, self.group_size).items()})
+        # loss terms: this process's share of the global value, summed over processes; the rest: means
+        summed = {f"train/{k}": v for k, v in totals.items()}
+        summed["train/generated_tokens"] = float(rollout.response_mask.sum())
+        self.log_dict(summed, batch_size=n_prompts, sync_dist=True, reduce_fx="sum")
+        metrics = {f"train/{k}": v for k, v in reward_statistics(rewards, self.group_size).items()}
         metrics["train/response_tokens"] = float(total_tokens) / n
         metrics["train/grad_norm"] = grad_norm
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        metrics["train/generated_tokens"] = float(rollout.response_mask.sum())
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
-        self.log_dict(metrics, batch_size=n_prompts)
-        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=n_prompts)
-        return metrics
+        self.log_dict(metrics, batch_size=n_prompts, sync_dist=True)
+        reward = metrics["train/reward_mean"]
+        self.log("reward", reward, prog_bar=True, logger=False, batch_size=n_prompts, sync_dist=True)
+        return {**metrics, **summed}
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.policy.parameters(), **self.optimizer_settings)
