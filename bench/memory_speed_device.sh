@@ -42,5 +42,7 @@ measure() {  # LABEL SECONDS ARGS...
   grep -E "^step |Error|error" "$out/$label.log" | tail -8
 }
 
-measure r256 200 --prompts 4 --response 256 --micro-batch 8 --rounds 2
-measure paper 240 --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1
+workloads=" ${WORKLOADS:-r256 paper} "  # WORKLOADS=paper runs the paper's lengths only
+[[ $workloads == *" r256 "* ]] && measure r256 200 --prompts 4 --response 256 --micro-batch 8 --rounds 2
+[[ $workloads == *" paper "* ]] &&
+  measure paper 240 --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1
