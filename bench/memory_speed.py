@@ -57,15 +57,15 @@ def phase_peaks_module(base_class):
     """`base_class` (RLModule) recording the peak memory of sampling and of the loss passes separately."""
 
     class PhasePeaks(base_class):
-        def sample(self, turns):
+        def sample(self, turns, *args, **kwargs):
             reset_peaks()
-            samples = super().sample(turns)
+            samples = super().sample(turns, *args, **kwargs)
             self.phase_peaks = {"generation": peaks()}
             return samples
 
-        def update(self, samples, rewards, n_prompts):
+        def update(self, *args, **kwargs):
             reset_peaks()
-            metrics = super().update(samples, rewards, n_prompts)
+            metrics = super().update(*args, **kwargs)
             self.phase_peaks["loss_passes"] = peaks()
             return metrics
 
