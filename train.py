@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
 from cqr_lightning.config import CONF_DIR, register_resolvers
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.mlflow_runs import tracked_runs
 from cqr_lightning.run_settings import check_run_settings
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,12 @@ def run(cfg: DictConfig):
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_settings(cfg, run_dir)
-    if cfg.stage == "warmup":
-        return stages.run_warmup(cfg, run_dir)
-    if cfg.stage == "rl":
-        return stages.run_rl(cfg, run_dir, cfg.model.get("adapter"))
-    return stages.run_pipeline(cfg, run_dir)
+    with tracked_runs(cfg, run_dir, pipeline=cfg.stage == "pipeline"):  # MLflow runs end FINISHED, FAILED or KILLED
+        if cfg.stage == "warmup":
+            return stages.run_warmup(cfg, run_dir)
+        if cfg.stage == "rl":
+            return stages.run_rl(cfg, run_dir, cfg.model.get("adapter"))
+        return stages.run_pipeline(cfg, run_dir)
 
 
 register_resolvers()

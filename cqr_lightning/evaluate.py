@@ -148,7 +148,8 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
 
     experiment_id = ensure_experiment(cfg.logger)
     run_name = cfg.logger.get("run_name") or f"evaluate-{cfg.rewriter.name}-{cfg.retriever.name}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    tags = OmegaConf.to_container(cfg.logger.tags, resolve=True) if cfg.logger.get("tags") else {"stage": "evaluate"}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params(flatten_params(cfg))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         mlflow.log_metrics({metric_key(f"eval/{k}"): v for k, v in numeric.items()})

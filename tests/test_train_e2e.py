@@ -89,8 +89,24 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     client, runs = mlflow_runs(tracking)
     by_stage = {}
     for run in runs:
-        by_stage.setdefault(run.data.tags.get("stage", "evaluate"), []).append(run)
-    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 8  # one per table row and split
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    assert len(by_stage["pipeline"]) == 1 and len(by_stage["rl"]) == 1
+    assert len(by_stage["evaluate"]) == 8  # one per table row and split
+    (parent,) = by_stage["pipeline"]
+    parent_id = parent.info.run_id
+    assert json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"] == parent_id
+    for run in runs:  # every run nested under the pipeline's, tagged with its folder, and ended
+        assert run.data.tags["run_dir"] == str(run_dir.resolve()) and run.info.status == "FINISHED"
+        assert run.data.tags.get("mlflow.parentRunId") == (None if run is parent else parent_id)
+    assert {(r.data.tags["eval_split"], r.data.tags["eval_row"]) for r in by_stage["evaluate"]} == {
+        (split, row) for split in ("dev", "train") for row in rows
+    }
+    parent_artifacts = {a.path for a in client.list_artifacts(parent_id)} | {
+        a.path for a in client.list_artifacts(parent_id, "eval")
+    }
+    assert {"config.yaml", "eval/summary.json"} <= parent_artifacts
+    logged_config = client.download_artifacts(parent_id, "config.yaml", str(tmp_path))
+    assert "group_size: 2" in Path(logged_config).read_text() and "${" not in Path(logged_config).read_text()
     rl_run = by_stage["rl"][0]
     assert rl_run.data.params["rl.group_size"] == "2"
     assert len(client.get_metric_history(rl_run.info.run_id, "train/reward_mean")) == 3
@@ -102,10 +118,13 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
 @pytest.mark.slow
 def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path, caplog):
     tracking = tmp_path / "mlflow.db"
-    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"]
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=pipeline"]
     cfg = compose_train([*overrides, "warmup.lenient_format=false"])
     with pytest.raises(ConfigError, match="self-distillation kept no sample.*raise warmup.num_samples"):
         train.run(cfg)
+    _, runs = mlflow_runs(tracking)  # a failed call leaves no run RUNNING: the warm-up and its parent FAILED
+    assert {run.data.tags["stage"]: run.info.status for run in runs} == {"pipeline": "FAILED", "warmup": "FAILED"}
+    parent_id = json.loads((tmp_path / "run" / "mlflow_parent.json").read_text())["run_id"]
     stats_path = tmp_path / "run" / "warmup" / "distill_stats.json"
     stats = json.loads(stats_path.read_text())
     assert stats["turns"] == 8 and stats["kept"] == 0
@@ -117,6 +136,9 @@ def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path,
         train.run(cfg)
     assert "is empty (left by an earlier run that kept nothing): sampling again" in caplog.text
     assert json.loads(stats_path.read_text())["turns"] == 8
+    _, runs = mlflow_runs(tracking)  # the rerun resumed the same parent run
+    assert [run.info.run_id for run in runs if run.data.tags["stage"] == "pipeline"] == [parent_id]
+    assert [run.info.status for run in runs] == ["FAILED"] * 3
 
 
 @pytest.mark.slow
@@ -149,6 +171,7 @@ def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path):
     client, runs = mlflow_runs(tracking)
     (warmup_run,) = [r for r in runs if r.data.tags.get("stage") == "warmup"]
     assert len(client.get_metric_history(warmup_run.info.run_id, "train/loss")) == 2  # 4 rows, batch 2, 1 epoch
+    assert {"adapter", "best_adapter"} <= {a.path for a in client.list_artifacts(warmup_run.info.run_id)}
 
 
 def train_command(data_dir: Path, run_dir: Path, tracking: Path, steps: int) -> list[str]:
@@ -224,10 +247,14 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint_of_it(fixture_da
     stopped_at = checkpoint_step(last)
     assert 2 <= stopped_at < 6 and stopped_at == steps_done()
     assert not (run_dir / "rl" / "adapter").exists()
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert [run.info.status for run in runs] == ["KILLED"]
 
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     steps = [int(line.split(",")[0]) for line in curves.read_text().splitlines() if "train/reward_mean" in line]
     assert steps == list(range(1, 7)), "the rerun continues after the stopped step, redoing none"
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert [run.info.status for run in runs] == ["FINISHED"], "the same run, resumed and finished"
     assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
 
 
