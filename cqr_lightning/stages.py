@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.best_adapter import BestAdapterCallback
+from callbacks.mlflow_steps import MLflowStepsCallback
 from callbacks.rollout_table import RolloutTableCallback
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
@@ -42,13 +43,12 @@ def make_logger(cfg: DictConfig, stage: str, run_dir: Path, run_id: str | None =
     under the pipeline's parent run (cqr_lightning/mlflow_runs.py); params are the resolved config."""
     if not cfg.logger.enabled:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
+    from cqr_lightning.mlflow_logger import StepAlignedMLFlowLogger
     from cqr_lightning.mlflow_runs import note_run, stage_tags
     from cqr_lightning.tracking import artifact_location, ensure_experiment, flatten_params, tracking_uri
 
     ensure_experiment(cfg.logger)
-    logger = MLFlowLogger(
+    logger = StepAlignedMLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or f"{stage}-{run_dir.name}",
         tracking_uri=tracking_uri(cfg.logger),
@@ -293,6 +293,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             logger,
             [
                 TrainingCurvesCallback(str(stage_dir), "train/loss"),
+                MLflowStepsCallback(),
                 BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens)),
             ],
             max_steps=total_steps,
@@ -374,6 +375,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
             [
                 RolloutTableCallback(r.table_every_n_steps),
                 TrainingCurvesCallback(str(stage_dir)),
+                MLflowStepsCallback(),
                 BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, r.max_new_tokens)),
             ],
             max_steps=r.max_steps,

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import train
+from callbacks.training_curves import read_curves
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.rewriter_card import read_card
 
@@ -109,8 +110,11 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     assert "group_size: 2" in Path(logged_config).read_text() and "${" not in Path(logged_config).read_text()
     rl_run = by_stage["rl"][0]
     assert rl_run.data.params["rl.group_size"] == "2"
-    assert len(client.get_metric_history(rl_run.info.run_id, "train/reward_mean")) == 3
-    assert "val/mrr_at_3" in rl_run.data.metrics
+    curves = read_curves(run_dir / "rl" / "curves.csv")  # MLflow's steps are those of curves.csv and the plot
+    for key in ("train/reward_mean", "val/mrr_at_3"):
+        history = client.get_metric_history(rl_run.info.run_id, key)
+        assert [(m.step, round(m.value, 6)) for m in history] == [(s, round(v, 6)) for s, v in curves[key]]
+    assert [s for s, _ in curves["train/reward_mean"]] == [1, 2, 3] and [s for s, _ in curves["val/mrr_at_3"]] == [2]
     artifacts = {a.path for a in client.list_artifacts(rl_run.info.run_id)}
     assert {"adapter", "curves.png", "rollouts"} <= artifacts
 
@@ -208,6 +212,10 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_
     step_at_kill = checkpoint_step(last)
     assert 3 <= step_at_kill < 6
     assert not (killed / "rl" / "adapter").exists()
+    client, runs = mlflow_runs(tracking)
+    (killed_run,) = [r for r in runs if r.data.tags.get("run_dir") == str(killed.resolve())]
+    logged = {m.step for m in client.get_metric_history(killed_run.info.run_id, "train/reward_mean")}
+    assert set(range(1, step_at_kill + 1)) <= logged, "every checkpointed step's point reached MLflow"
 
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert checkpoint_step(last) == 6
@@ -220,8 +228,9 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_
     client, runs = mlflow_runs(tracking)
     killed_runs = [r for r in runs if r.data.tags.get("run_dir") == str(killed.resolve())]
     assert len(killed_runs) == 1, "the resumed run logs into the same MLflow run"
-    steps = [m.step for m in client.get_metric_history(killed_runs[0].info.run_id, "train/reward_mean")]
-    assert sorted(set(steps)) == list(range(6))
+    for key in ("train/reward_mean", "train/loss", "train/lr"):
+        steps = [m.step for m in client.get_metric_history(killed_runs[0].info.run_id, key)]
+        assert sorted(steps) == list(range(1, 7)), f"{key}: each step once, at the steps of curves.csv"
 
 
 @pytest.mark.slow
