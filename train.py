@@ -1,6 +1,7 @@
 """Train a conversational query rewriter: `python train.py [stage=pipeline|warmup|rl] [key=value ...]`.
 
-See conf/train.yaml for every setting; `python train.py --cfg job` prints the resolved config.
+See conf/train.yaml for every setting; `python train.py --cfg job --resolve` prints the resolved
+config; with `--multirun` each job works in `<run_dir>/<job number>`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
-from cqr_lightning.config import CONF_DIR, register_resolvers
+from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.mlflow_runs import tracked_runs
 from cqr_lightning.run_settings import check_run_settings
@@ -45,6 +46,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    cfg = own_job_folder(cfg, "run_dir")
     try:
         result = run(cfg)
     except SIGTERMException:

@@ -267,6 +267,20 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint_of_it(fixture_da
     assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_a_multirun_sweep_trains_each_job_in_its_own_run_dir(fixture_data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(fixture_data_dir, sweep, tmp_path / "mlflow.db") if "max_steps" not in o]
+    command = [sys.executable, "train.py", "--multirun", "seed=0,1", "stage=rl", "rl.max_steps=1", "logger=none"]
+    result = subprocess.run([*command, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, seed in enumerate((0, 1)):
+        run_dir = sweep / str(job)
+        assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (run_dir / "settings.yaml").read_text().startswith(f"seed: {seed}\n")
+        assert (run_dir / "train.log").is_file()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
