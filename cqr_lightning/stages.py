@@ -459,7 +459,7 @@ def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str |
             except MissingHumanRewrites as error:
                 log.warning("no '%s' row on %s: %s", label, split, error)
         query_mode = next(iter(rows.values())).get("query_mode", "rewrite") if rows else "rewrite"
-        print(f"\n{split} (searched with query_mode={query_mode})\n" + format_table(rows))
+        log.info("%s (searched with query_mode=%s)\n%s", split, query_mode, format_table(rows))  # to train.log too
         tables[split] = rows
     write_json(run_dir / "eval" / "summary.json", tables)
     log_to_parent(cfg, run_dir, run_dir / "eval" / "summary.json", artifact_path="eval")

@@ -153,7 +153,7 @@ def test_warmup_that_samples_no_turn_says_the_training_split_is_empty(fixture_da
 
 
 @pytest.mark.slow
-def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path):
+def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path, caplog):
     run_dir = tmp_path / "run"
     (run_dir / "warmup").mkdir(parents=True)
     rows = [
@@ -167,8 +167,13 @@ def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path):
     (run_dir / "warmup" / "distilled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tracking = tmp_path / "mlflow.db"
     cfg = compose_train([*tiny_overrides(fixture_data_dir, run_dir, tracking), "stage=warmup"])
-    adapter = train.run(cfg)
+    with caplog.at_level(logging.INFO, logger="callbacks.training_curves"):
+        adapter = train.run(cfg)
     assert (adapter / "adapter_model.safetensors").is_file()
+    curves = run_dir / "warmup" / "curves.csv"  # the final validation, after fit: in the CSV, the log and the plot
+    assert read_curves(curves)["val/mrr_at_3"][-1][0] == 2
+    assert "step 2 validation: val/mrr_at_3=" in caplog.text
+    assert (run_dir / "warmup" / "curves.png").stat().st_mtime_ns >= curves.stat().st_mtime_ns
     before = json.loads((run_dir / "warmup" / "val_before.json").read_text())
     after = json.loads((run_dir / "warmup" / "val_after.json").read_text())
     assert "val/mrr_at_3" in before and "val/mrr_at_3" in after
