@@ -1,6 +1,7 @@
 """Train a conversational query rewriter: `python train.py [stage=pipeline|warmup|rl] [key=value ...]`.
 
-See conf/train.yaml for every setting; `python train.py --cfg job --resolve` prints the resolved config.
+See conf/train.yaml for every setting; `python train.py --cfg job --resolve` prints the resolved
+config; with `--multirun` each job works in `<run_dir>/<job number>`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
-from cqr_lightning.config import CONF_DIR, register_resolvers
+from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.mlflow_runs import tracked_runs
 from cqr_lightning.run_settings import check_run_settings
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,12 @@ def run(cfg: DictConfig):
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_settings(cfg, run_dir)
-    if cfg.stage == "warmup":
-        return stages.run_warmup(cfg, run_dir)
-    if cfg.stage == "rl":
-        return stages.run_rl(cfg, run_dir, cfg.model.get("adapter"))
-    return stages.run_pipeline(cfg, run_dir)
+    with tracked_runs(cfg, run_dir, pipeline=cfg.stage == "pipeline"):  # MLflow runs end FINISHED, FAILED or KILLED
+        if cfg.stage == "warmup":
+            return stages.run_warmup(cfg, run_dir)
+        if cfg.stage == "rl":
+            return stages.run_rl(cfg, run_dir, cfg.model.get("adapter"))
+        return stages.run_pipeline(cfg, run_dir)
 
 
 def launched_run_dir(cfg: DictConfig) -> None:
@@ -53,6 +56,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    cfg = own_job_folder(cfg, "run_dir")
     launched_run_dir(cfg)
     try:
         result = run(cfg)

@@ -1,19 +1,35 @@
-"""Keep the reward and dev-metric curves in the run folder (CSV, survives resume) and plot them at the end.
+"""Keep the training and dev-metric curves in the run folder (CSV, survives resume) and plot them.
 
-Under DDP the metrics are already reduced over the processes; the main process writes the files."""
+Training metrics (the reward or loss, and the KL and copy rate where the stage logs them) are recorded after every
+step, the dev metric after every validation, both at `trainer.global_step`. Validation metrics also go to the log
+(train.log). The plot is drawn at the end of `fit` and again after a validation outside it (the warm-up's final
+one), with a smoothed line over the first training curve. Under DDP the metrics are already reduced over the
+processes, and only the main process writes the files.
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
+DEFAULT_TRAIN_METRICS = ("train/reward_mean", "train/kl", "train/copy_rate")
 
 
 class TrainingCurvesCallback(L.Callback):
-    def __init__(self, dirpath: str, train_metric: str = "train/reward_mean", val_metric: str = "val/mrr_at_3"):
+    def __init__(
+        self,
+        dirpath: str,
+        train_metrics: str | Sequence[str] = DEFAULT_TRAIN_METRICS,
+        val_metric: str = "val/mrr_at_3",
+    ):
         self.dirpath = Path(dirpath)
-        self.train_metric = train_metric
+        self.train_metrics = (train_metrics,) if isinstance(train_metrics, str) else tuple(train_metrics)
         self.val_metric = val_metric
 
     @property
@@ -30,17 +46,31 @@ class TrainingCurvesCallback(L.Callback):
             writer.writerow([step, name, f"{value:.6f}"])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.is_global_zero and self.train_metric in trainer.callback_metrics:
-            self._append(trainer.global_step, self.train_metric, float(trainer.callback_metrics[self.train_metric]))
+        if not trainer.is_global_zero:
+            return
+        for name in self.train_metrics:
+            if name in trainer.callback_metrics:
+                self._append(trainer.global_step, name, float(trainer.callback_metrics[name]))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking and self.val_metric in trainer.callback_metrics:
-            self._append(trainer.global_step, self.val_metric, float(trainer.callback_metrics[self.val_metric]))
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if shown:
+            log.info("step %d validation: %s", trainer.global_step, ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+        if self.val_metric in shown:
+            self._append(trainer.global_step, self.val_metric, shown[self.val_metric])
+        if trainer.state.fn == TrainerFn.VALIDATING and trainer.global_step > 0:
+            self.plot_and_log(trainer)  # a validation after training: its point belongs in the plot
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not self.csv_path.exists():
+        if trainer.is_global_zero:
+            self.plot_and_log(trainer)
+
+    def plot_and_log(self, trainer: L.Trainer) -> None:
+        if not self.csv_path.exists():
             return
-        figure_path = plot_curves(self.csv_path, self.dirpath / "curves.png")
+        figure_path = plot_curves(self.csv_path, self.dirpath / "curves.png", smooth=self.train_metrics[0])
         for logger in trainer.loggers:
             if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
                 logger.experiment.log_artifact(logger.run_id, str(self.csv_path))
@@ -55,16 +85,34 @@ def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points.items()) for name, points in curves.items()}
 
 
-def plot_curves(csv_path: Path, figure_path: Path) -> Path:
+def smoothed(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: point i is the mean of the `window` values ending at i (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(csv_path: Path, figure_path: Path, smooth: str | None = None) -> Path:
+    """One panel per metric, `smooth` first and with a smoothed line once it has 10 points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves = read_curves(csv_path)
+    curves = dict(sorted(curves.items(), key=lambda item: item[0] != smooth))  # the smoothed curve first
     figure, axes = plt.subplots(1, max(1, len(curves)), figsize=(5 * max(1, len(curves)), 3.5), squeeze=False)
     for axis, (name, points) in zip(axes[0], curves.items(), strict=False):
-        axis.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 50 else None)
+        steps, values = [s for s, _ in points], [v for _, v in points]
+        axis.plot(steps, values, marker="." if len(points) < 50 else None, alpha=0.4 if len(points) >= 10 else 1.0)
+        if name == smooth and len(points) >= 10:
+            window = max(2, len(points) // 10)
+            axis.plot(steps, smoothed(values, window), label=f"mean of {window} steps")
+            axis.legend()
         axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -40,6 +40,18 @@ def register_resolvers() -> None:
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def own_job_folder(cfg: DictConfig, key: str) -> DictConfig:
+    """In a `--multirun` sweep, point `cfg[key]` (run_dir, output_dir) at the job's own folder, `<sweep dir>/<job
+    number>` (hydra.sweep in conf/), so two jobs never write into one folder; a single run keeps it as given."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        with open_dict(cfg):
+            cfg[key] = HydraConfig.get().runtime.output_dir
+    return cfg
 
 
 register_resolvers()

@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cqr_lightning.config import CONF_DIR, register_resolvers
+from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
 from cqr_lightning.errors import DataError
 from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize
 from cqr_lightning.io_utils import write_json, write_jsonl
@@ -148,7 +148,8 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
 
     experiment_id = ensure_experiment(cfg.logger)
     run_name = cfg.logger.get("run_name") or f"evaluate-{cfg.rewriter.name}-{cfg.retriever.name}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    tags = OmegaConf.to_container(cfg.logger.tags, resolve=True) if cfg.logger.get("tags") else {"stage": "evaluate"}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params(flatten_params(cfg))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         mlflow.log_metrics({metric_key(f"eval/{k}"): v for k, v in numeric.items()})
@@ -159,6 +160,7 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    cfg = own_job_folder(cfg, "output_dir")
     if cfg.rewriter.name == "model":  # an adapter is used as it was trained, unless the command line says otherwise
         cfg = with_adapter_card(cfg, hydra_command_line_keys())
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))

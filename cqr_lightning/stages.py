@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.best_adapter import BestAdapterCallback
+from callbacks.mlflow_steps import MLflowStepsCallback
 from callbacks.rollout_table import RolloutTableCallback
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
@@ -44,24 +45,26 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 def make_logger(cfg: DictConfig, stage: str, run_dir: Path, run_id: str | None = None):
-    """An MLflow logger for one stage (None when logging is off); params are the resolved config."""
+    """An MLflow logger for one stage (None when logging is off): a run tagged with the stage and run folder, nested
+    under the pipeline's parent run (cqr_lightning/mlflow_runs.py); params are the resolved config."""
     if not cfg.logger.enabled:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
+    from cqr_lightning.mlflow_logger import StepAlignedMLFlowLogger
+    from cqr_lightning.mlflow_runs import note_run, stage_tags
     from cqr_lightning.tracking import artifact_location, ensure_experiment, flatten_params, tracking_uri
 
     ensure_experiment(cfg.logger)
-    logger = MLFlowLogger(
+    logger = StepAlignedMLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or f"{stage}-{run_dir.name}",
         tracking_uri=tracking_uri(cfg.logger),
         artifact_location=artifact_location(cfg.logger),
         run_id=run_id,
-        tags={"stage": stage, "run_dir": str(run_dir.resolve())},
+        tags=None if run_id else stage_tags(cfg, run_dir, stage),
     )
     if run_id is None:
         logger.log_hyperparams(flatten_params(cfg))
+    note_run(cfg, logger.run_id, resumed=run_id is not None)
     return logger
 
 
@@ -318,6 +321,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             logger,
             [
                 TrainingCurvesCallback(str(stage_dir), "train/loss"),
+                MLflowStepsCallback(),
                 BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens)),
             ],
             max_steps=total_steps,
@@ -336,7 +340,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
 
     if trainer.is_global_zero:
         save_adapter(policy, final_adapter(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens))
-        log_artifacts(logger, final_adapter(stage_dir))
+        log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
     trainer.strategy.barrier("warm-up adapter written")  # the RL stage of every process reads it
     return final_adapter(stage_dir)
 
@@ -365,6 +369,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         [
             RolloutTableCallback(r.table_every_n_steps),
             TrainingCurvesCallback(str(stage_dir)),
+            MLflowStepsCallback(),
             BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=card),
         ],
         max_steps=r.max_steps,
@@ -480,6 +485,7 @@ def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str |
     one table per split in `<run_dir>/eval/<split>/`, all of them in `eval/summary.json` ({split: {row: metrics}})."""
     from cqr_lightning.evaluate import run_evaluation
     from cqr_lightning.evaluation import format_table
+    from cqr_lightning.mlflow_runs import log_to_parent, stage_tags
     from cqr_lightning.rewriters import MissingHumanRewrites
 
     base = OmegaConf.to_container(cfg, resolve=True)
@@ -498,14 +504,16 @@ def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str |
             output_dir = run_dir / "eval" / slug(split) / slug(label)
             job_cfg = OmegaConf.merge(base, overrides, {"output_dir": str(output_dir), "data": {"eval_split": split}})
             job_cfg.logger.run_name = f"evaluate-{slug(split)}-{slug(label)}-{run_dir.name}"
+            job_cfg.logger.tags = {**stage_tags(cfg, run_dir, "evaluate"), "eval_split": split, "eval_row": label}
             try:
                 rows[label] = run_evaluation(job_cfg)
             except MissingHumanRewrites as error:
                 log.warning("no '%s' row on %s: %s", label, split, error)
         query_mode = next(iter(rows.values())).get("query_mode", "rewrite") if rows else "rewrite"
-        print(f"\n{split} (searched with query_mode={query_mode})\n" + format_table(rows))
+        log.info("%s (searched with query_mode=%s)\n%s", split, query_mode, format_table(rows))  # to train.log too
         tables[split] = rows
     write_json(run_dir / "eval" / "summary.json", tables)
+    log_to_parent(cfg, run_dir, run_dir / "eval" / "summary.json", artifact_path="eval")
     return tables
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.evaluate import run_evaluation
@@ -252,3 +253,19 @@ def test_turns_without_positives_stop_evaluation_and_point_to_the_rewrite_comman
     ):
         run_evaluation(cfg)
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_a_multirun_sweep_writes_each_job_into_its_own_folder(fixture_data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "cqr_lightning.evaluate", "--multirun", "rewriter=raw,history", "data=jsonl",
+        f"data.dir={fixture_data_dir}", f"output_dir={sweep}", "logger=none",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, rewriter in enumerate(("raw", "history")):
+        folder = sweep / str(job)
+        assert OmegaConf.load(folder / "config.yaml").rewriter.name == rewriter
+        assert OmegaConf.load(folder / "config.yaml").output_dir == str(folder)
+        assert json.loads((folder / "metrics.json").read_text())["n"] == 4
+        assert (folder / "evaluate.log").is_file()

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import train
+from callbacks.training_curves import read_curves
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.rewriter_card import read_card
 
@@ -89,12 +90,31 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
     client, runs = mlflow_runs(tracking)
     by_stage = {}
     for run in runs:
-        by_stage.setdefault(run.data.tags.get("stage", "evaluate"), []).append(run)
-    assert len(by_stage["rl"]) == 1 and len(by_stage["evaluate"]) == 8  # one per table row and split
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    assert len(by_stage["pipeline"]) == 1 and len(by_stage["rl"]) == 1
+    assert len(by_stage["evaluate"]) == 8  # one per table row and split
+    (parent,) = by_stage["pipeline"]
+    parent_id = parent.info.run_id
+    assert json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"] == parent_id
+    for run in runs:  # every run nested under the pipeline's, tagged with its folder, and ended
+        assert run.data.tags["run_dir"] == str(run_dir.resolve()) and run.info.status == "FINISHED"
+        assert run.data.tags.get("mlflow.parentRunId") == (None if run is parent else parent_id)
+    assert {(r.data.tags["eval_split"], r.data.tags["eval_row"]) for r in by_stage["evaluate"]} == {
+        (split, row) for split in ("dev", "train") for row in rows
+    }
+    parent_artifacts = {a.path for a in client.list_artifacts(parent_id)} | {
+        a.path for a in client.list_artifacts(parent_id, "eval")
+    }
+    assert {"config.yaml", "eval/summary.json"} <= parent_artifacts
+    logged_config = client.download_artifacts(parent_id, "config.yaml", str(tmp_path))
+    assert "group_size: 2" in Path(logged_config).read_text() and "${" not in Path(logged_config).read_text()
     rl_run = by_stage["rl"][0]
     assert rl_run.data.params["rl.group_size"] == "2"
-    assert len(client.get_metric_history(rl_run.info.run_id, "train/reward_mean")) == 3
-    assert "val/mrr_at_3" in rl_run.data.metrics
+    curves = read_curves(run_dir / "rl" / "curves.csv")  # MLflow's steps are those of curves.csv and the plot
+    for key in ("train/reward_mean", "val/mrr_at_3"):
+        history = client.get_metric_history(rl_run.info.run_id, key)
+        assert [(m.step, round(m.value, 6)) for m in history] == [(s, round(v, 6)) for s, v in curves[key]]
+    assert [s for s, _ in curves["train/reward_mean"]] == [1, 2, 3] and [s for s, _ in curves["val/mrr_at_3"]] == [2]
     artifacts = {a.path for a in client.list_artifacts(rl_run.info.run_id)}
     assert {"adapter", "curves.png", "rollouts"} <= artifacts
 
@@ -102,10 +122,13 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
 @pytest.mark.slow
 def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path, caplog):
     tracking = tmp_path / "mlflow.db"
-    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=warmup"]
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "stage=pipeline"]
     cfg = compose_train([*overrides, "warmup.lenient_format=false"])
     with pytest.raises(ConfigError, match="self-distillation kept no sample.*raise warmup.num_samples"):
         train.run(cfg)
+    _, runs = mlflow_runs(tracking)  # a failed call leaves no run RUNNING: the warm-up and its parent FAILED
+    assert {run.data.tags["stage"]: run.info.status for run in runs} == {"pipeline": "FAILED", "warmup": "FAILED"}
+    parent_id = json.loads((tmp_path / "run" / "mlflow_parent.json").read_text())["run_id"]
     stats_path = tmp_path / "run" / "warmup" / "distill_stats.json"
     stats = json.loads(stats_path.read_text())
     assert stats["turns"] == 8 and stats["kept"] == 0
@@ -117,6 +140,9 @@ def test_warmup_stops_clearly_when_no_sample_is_kept(fixture_data_dir, tmp_path,
         train.run(cfg)
     assert "is empty (left by an earlier run that kept nothing): sampling again" in caplog.text
     assert json.loads(stats_path.read_text())["turns"] == 8
+    _, runs = mlflow_runs(tracking)  # the rerun resumed the same parent run
+    assert [run.info.run_id for run in runs if run.data.tags["stage"] == "pipeline"] == [parent_id]
+    assert [run.info.status for run in runs] == ["FAILED"] * 3
 
 
 @pytest.mark.slow
@@ -127,7 +153,7 @@ def test_warmup_that_samples_no_turn_says_the_training_split_is_empty(fixture_da
 
 
 @pytest.mark.slow
-def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path):
+def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path, caplog):
     run_dir = tmp_path / "run"
     (run_dir / "warmup").mkdir(parents=True)
     rows = [
@@ -141,14 +167,20 @@ def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path):
     (run_dir / "warmup" / "distilled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tracking = tmp_path / "mlflow.db"
     cfg = compose_train([*tiny_overrides(fixture_data_dir, run_dir, tracking), "stage=warmup"])
-    adapter = train.run(cfg)
+    with caplog.at_level(logging.INFO, logger="callbacks.training_curves"):
+        adapter = train.run(cfg)
     assert (adapter / "adapter_model.safetensors").is_file()
+    curves = run_dir / "warmup" / "curves.csv"  # the final validation, after fit: in the CSV, the log and the plot
+    assert read_curves(curves)["val/mrr_at_3"][-1][0] == 2
+    assert "step 2 validation: val/mrr_at_3=" in caplog.text
+    assert (run_dir / "warmup" / "curves.png").stat().st_mtime_ns >= curves.stat().st_mtime_ns
     before = json.loads((run_dir / "warmup" / "val_before.json").read_text())
     after = json.loads((run_dir / "warmup" / "val_after.json").read_text())
     assert "val/mrr_at_3" in before and "val/mrr_at_3" in after
     client, runs = mlflow_runs(tracking)
     (warmup_run,) = [r for r in runs if r.data.tags.get("stage") == "warmup"]
     assert len(client.get_metric_history(warmup_run.info.run_id, "train/loss")) == 2  # 4 rows, batch 2, 1 epoch
+    assert {"adapter", "best_adapter"} <= {a.path for a in client.list_artifacts(warmup_run.info.run_id)}
 
 
 def train_command(data_dir: Path, run_dir: Path, tracking: Path, steps: int) -> list[str]:
@@ -185,6 +217,10 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_
     step_at_kill = checkpoint_step(last)
     assert 3 <= step_at_kill < 6
     assert not (killed / "rl" / "adapter").exists()
+    client, runs = mlflow_runs(tracking)
+    (killed_run,) = [r for r in runs if r.data.tags.get("run_dir") == str(killed.resolve())]
+    logged = {m.step for m in client.get_metric_history(killed_run.info.run_id, "train/reward_mean")}
+    assert set(range(1, step_at_kill + 1)) <= logged, "every checkpointed step's point reached MLflow"
 
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert checkpoint_step(last) == 6
@@ -197,8 +233,9 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(fixture_data_
     client, runs = mlflow_runs(tracking)
     killed_runs = [r for r in runs if r.data.tags.get("run_dir") == str(killed.resolve())]
     assert len(killed_runs) == 1, "the resumed run logs into the same MLflow run"
-    steps = [m.step for m in client.get_metric_history(killed_runs[0].info.run_id, "train/reward_mean")]
-    assert sorted(set(steps)) == list(range(6))
+    for key in ("train/reward_mean", "train/loss", "train/lr"):
+        steps = [m.step for m in client.get_metric_history(killed_runs[0].info.run_id, key)]
+        assert sorted(steps) == list(range(1, 7)), f"{key}: each step once, at the steps of curves.csv"
 
 
 @pytest.mark.slow
@@ -224,11 +261,29 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint_of_it(fixture_da
     stopped_at = checkpoint_step(last)
     assert 2 <= stopped_at < 6 and stopped_at == steps_done()
     assert not (run_dir / "rl" / "adapter").exists()
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert [run.info.status for run in runs] == ["KILLED"]
 
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     steps = [int(line.split(",")[0]) for line in curves.read_text().splitlines() if "train/reward_mean" in line]
     assert steps == list(range(1, 7)), "the rerun continues after the stopped step, redoing none"
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert [run.info.status for run in runs] == ["FINISHED"], "the same run, resumed and finished"
     assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_multirun_sweep_trains_each_job_in_its_own_run_dir(fixture_data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(fixture_data_dir, sweep, tmp_path / "mlflow.db") if "max_steps" not in o]
+    command = [sys.executable, "train.py", "--multirun", "seed=0,1", "stage=rl", "rl.max_steps=1", "logger=none"]
+    result = subprocess.run([*command, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, seed in enumerate((0, 1)):
+        run_dir = sweep / str(job)
+        assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (run_dir / "settings.yaml").read_text().startswith(f"seed: {seed}\n")
+        assert (run_dir / "train.log").is_file()
 
 
 @pytest.mark.parametrize(
