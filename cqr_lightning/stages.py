@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.best_adapter import BestAdapterCallback
 from callbacks.mlflow_steps import MLflowStepsCallback
 from callbacks.rollout_table import RolloutTableCallback
+from callbacks.step_progress import step_progress_bar
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
@@ -95,6 +96,7 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
         logger=logger if logger is not None else False,
         callbacks=[
             *callbacks,
+            *step_progress_bar(),
             StreamPositionCallback(),
             StopOnSigterm(stage_dir / "checkpoints" / LAST_CHECKPOINT),
             checkpoint,
