@@ -90,13 +90,14 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
         save_last=True,
         save_top_k=1,
     )
+    flags = trainer_flags(cfg)
     return L.Trainer(
-        **trainer_flags(cfg),
+        **flags,
         default_root_dir=stage_dir,
         logger=logger if logger is not None else False,
         callbacks=[
             *callbacks,
-            *step_progress_bar(),
+            *(step_progress_bar() if flags.get("enable_progress_bar", True) else []),
             StreamPositionCallback(),
             StopOnSigterm(stage_dir / "checkpoints" / LAST_CHECKPOINT),
             checkpoint,
