@@ -17,13 +17,7 @@ runs=${RUNS:-/tmp/ddp_runs}
 mkdir -p "$runs" "$OUT"
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 
-python3 -c "
-from omegaconf import OmegaConf
-from cqr_lightning.models.loading import load_base_model
-cfg = OmegaConf.load('conf/model/smollm2-135m-gguf.yaml')
-cfg.load_in_4bit = True
-load_base_model(cfg)
-" >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
 
 run() {  # run NAME [key=value ...]: one GRPO run, timed from its curves
   local name=$1

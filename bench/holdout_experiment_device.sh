@@ -21,13 +21,7 @@ export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1
 started=$(date +%s)
 deadline=$((started + seconds))
 
-python3 -c "
-from omegaconf import OmegaConf
-from cqr_lightning.models.loading import load_base_model
-cfg = OmegaConf.load('conf/model/smollm2-135m-gguf.yaml')
-cfg.load_in_4bit = True
-load_base_model(cfg)
-" >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
 
 gpus=$(nvidia-smi -L | wc -l)
 jobs=$((${#seeds[@]} * ${#variants[@]}))

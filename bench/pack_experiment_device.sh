@@ -18,13 +18,7 @@ mkdir -p "$runs"
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 
 # Convert the GGUF and cache its NF4 weights once, before the seeds would race to write the same cache.
-python3 -c "
-from omegaconf import OmegaConf
-from cqr_lightning.models.loading import load_base_model
-cfg = OmegaConf.load('conf/model/smollm2-135m-gguf.yaml')
-cfg.load_in_4bit = True
-load_base_model(cfg)
-" >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
 
 # A run folder carried in .gpu_runs/seedN (for example an earlier machine's distilled.jsonl) seeds a new run.
 for seed in "${seeds[@]}"; do

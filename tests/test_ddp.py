@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_e2e import checkpoint_step
 
 from cqr_lightning.distributed import per_rank_batch
 from cqr_lightning.errors import ConfigError
@@ -98,13 +99,6 @@ def test_grpo_on_two_processes_gives_the_adapter_of_one_process(fixture_data_dir
     curves = (run_dir / "rl" / "curves.csv").read_text().splitlines()
     assert curves == (one_process_run / "rl" / "curves.csv").read_text().splitlines()  # rank 0 wrote it once
     assert (run_dir / "rl" / "best_adapter" / "adapter_model.safetensors").is_file()
-
-
-def checkpoint_step(path: Path) -> int:
-    try:
-        return int(torch.load(path, weights_only=True)["global_step"])
-    except Exception:
-        return -1
 
 
 @pytest.mark.slow
