@@ -9,7 +9,11 @@ difference is at least as far from zero as the observed one (two-sided, with the
         runs/x/eval/after_grpo/rewrites.jsonl --metric mrr@3
 
 Several candidate files (runs of the same recipe with different seeds) are averaged turn by turn first, so the
-test asks whether the recipe, not one lucky run, beats the baseline.
+test asks whether the recipe, not one lucky run, beats the baseline. To compare two recipes seed-averaged on both
+sides, give the baseline recipe's other seeds with `--baseline-also` (repeatable):
+
+    python -m cqr_lightning.significance a-seed0.jsonl b-seed0.jsonl b-seed1.jsonl \
+        --baseline-also a-seed1.jsonl --metric mrr@3
 """
 
 from __future__ import annotations
@@ -101,27 +105,35 @@ def _require_same_turns(
         )
 
 
+def _as_path_list(paths: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
 def compare_files(
-    baseline_path: str | Path,
+    baseline_paths: str | Path | Sequence[str | Path],
     candidate_paths: str | Path | Sequence[str | Path],
     metric: str = "mrr@3",
     *,
     samples: int = 10_000,
     seed: int = 0,
 ) -> PairedComparison:
-    """Pair evaluations of the same turns and test the candidate's mean difference. Several candidate files
-    (one recipe's seeds) are averaged turn by turn first."""
-    if isinstance(candidate_paths, (str, Path)):
-        candidate_paths = [candidate_paths]
+    """Pair evaluations of the same turns and test the candidate's mean difference. Several files on either
+    side (one recipe's seeds) are averaged turn by turn first; every file must score the same turns."""
+    baseline_paths, candidate_paths = _as_path_list(baseline_paths), _as_path_list(candidate_paths)
+    if not baseline_paths:
+        raise ValueError("no baseline evaluation to compare against")
     if not candidate_paths:
         raise ValueError("no candidate evaluation to compare")
-    baseline = per_turn_scores(baseline_path, metric)
+    reference_path = baseline_paths[0]
+    reference = per_turn_scores(reference_path, metric)
+    baselines = [reference] + [per_turn_scores(path, metric) for path in baseline_paths[1:]]
     candidates = [per_turn_scores(path, metric) for path in candidate_paths]
-    for path, candidate in zip(candidate_paths, candidates, strict=True):
-        _require_same_turns(baseline, baseline_path, candidate, path)
-    turns = sorted(baseline)
-    candidate_means = [float(np.mean([candidate[t] for candidate in candidates])) for t in turns]
-    return paired_randomization_test([baseline[t] for t in turns], candidate_means, samples=samples, seed=seed)
+    for path, scores in zip(baseline_paths[1:] + candidate_paths, baselines[1:] + candidates, strict=True):
+        _require_same_turns(reference, reference_path, scores, path)
+    turns = sorted(reference)
+    baseline_means = [float(np.mean([scores[t] for scores in baselines])) for t in turns]
+    candidate_means = [float(np.mean([scores[t] for scores in candidates])) for t in turns]
+    return paired_randomization_test(baseline_means, candidate_means, samples=samples, seed=seed)
 
 
 def main(argv: Sequence[str] | None = None) -> PairedComparison:
@@ -130,11 +142,21 @@ def main(argv: Sequence[str] | None = None) -> PairedComparison:
     parser.add_argument(
         "candidate", type=Path, nargs="+", help="rewrites.jsonl of the rewriter under test; several: averaged per turn"
     )
+    parser.add_argument(
+        "--baseline-also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="another run of the baseline recipe (a seed), averaged per turn with the baseline; repeatable",
+    )
     parser.add_argument("--metric", default="mrr@3", choices=METRIC_NAMES)
     parser.add_argument("--samples", type=int, default=10_000, help="random sign flips")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = compare_files(args.baseline, args.candidate, args.metric, samples=args.samples, seed=args.seed)
+    result = compare_files(
+        [args.baseline, *args.baseline_also], args.candidate, args.metric, samples=args.samples, seed=args.seed
+    )
     print(result.describe(args.metric))
     return result
 

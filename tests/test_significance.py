@@ -124,3 +124,18 @@ def test_the_table_shows_format_and_copy_shares_where_a_row_has_them():
     assert header.split()[-3:] == ["format_ok", "copy_rate", "n"]
     assert raw.split()[-3:] == ["-", "100.0", "2"]
     assert model.split()[-3:] == ["50.0", "0.0", "2"]
+
+
+def test_two_recipes_are_compared_with_both_sides_averaged_over_their_seeds(tmp_path, capsys):
+    a0 = write_rewrites(tmp_path / "a0.jsonl", [{"id": "x", "mrr@3": 0.0}, {"id": "y", "mrr@3": 1.0}])
+    a1 = write_rewrites(tmp_path / "a1.jsonl", [{"id": "y", "mrr@3": 0.0}, {"id": "x", "mrr@3": 1.0}])
+    b0 = write_rewrites(tmp_path / "b0.jsonl", [{"id": "x", "mrr@3": 1.0}, {"id": "y", "mrr@3": 1.0}])
+    # per turn: baseline x 0.5, y 0.5; candidate x 1.0, y 1.0
+    result = compare_files([a0, a1], b0, samples=100)
+    assert result.mean_difference == pytest.approx(0.5)
+    assert (result.better, result.worse, result.equal) == (2, 0, 0)
+    main([str(a0), str(b0), "--baseline-also", str(a1), "--samples", "100"])
+    assert "+50.00 mrr@3 points over 2 turns (better on 2" in capsys.readouterr().out
+    short = write_rewrites(tmp_path / "a2.jsonl", [{"id": "x", "mrr@3": 1.0}])
+    with pytest.raises(DataError, match=r"a2\.jsonl.*same turns"):
+        compare_files([a0, short], b0)
