@@ -1,13 +1,15 @@
-"""GRPO step time and peak memory with `rl.logprob_chunk_size` off and on, in one process (issue 16).
+"""GRPO step time and peak memory with `rl.logprob_chunk_size` off and on, and with the sampling copy released
+during the loss passes (`rl.release_sampling_copy`) or kept, in one process (issue 16).
 
 Same workload and options as bench/grpo_step.py. One warm-up step (full logits; it compiles the static decoding),
-then `--rounds` rounds of one step per `--chunk-sizes` entry ("none" = full logits), so every setting shares one
-loaded policy, one compiled decoder and the machine's state. Before each step the allocator's cache is emptied
-and its peak counters reset, so each step's peak allocated and reserved memory are its own; the peak is also
-split into the sampling phase and the loss passes (reference log-probs + forward/backward + optimizer).
+then `--rounds` rounds of one step per `--chunk-sizes` entry ("none" = full logits; "256+release" = chunks of 256
+with the copy released), so every setting shares one loaded policy, one compiled decoder and the machine's state.
+Before each step the allocator's cache is emptied and its peak counters reset, so each step's peak allocated and
+reserved memory are its own; the peak is also split into the sampling phase and the loss passes (reference
+log-probs + forward/backward + optimizer).
 
     python bench/memory_speed.py --data DIR --prompts 4 --group 8 --response 256 --fast --static \
-        --entropy-coef 0.001 --chunk-sizes none,1024 --rounds 2 --out OUT
+        --entropy-coef 0.001 --chunk-sizes none,1024,1024+release --rounds 2 --out OUT
 
 Writes OUT/memory_speed_<label>.json and prints one line per step. `--tiny-cpu` runs the same code on the CPU
 with the tiny test model (a dry run of the script: no memory figures, times meaningless).
@@ -27,11 +29,32 @@ from omegaconf import OmegaConf
 GIB = 2**30
 
 
-def parse_chunk_sizes(text: str) -> list[int | None]:
-    sizes = [None if item.strip().lower() in ("none", "null", "off") else int(item) for item in text.split(",")]
-    if any(size is not None and size < 1 for size in sizes):
-        raise SystemExit(f"--chunk-sizes {text}: each entry is a positive token count or 'none'")
-    return sizes
+RELEASE = "+release"
+
+
+def parse_setting(item: str) -> tuple[int | None, bool]:
+    """'256' -> (256, False); 'none+release' -> (None, True)."""
+    item = item.strip().lower()
+    release = item.endswith(RELEASE)
+    size_text = item.removesuffix(RELEASE)
+    size = None if size_text in ("none", "null", "off") else int(size_text)
+    if size is not None and size < 1:
+        raise ValueError(size_text)
+    return size, release
+
+
+def parse_chunk_sizes(text: str) -> list[tuple[int | None, bool]]:
+    try:
+        return [parse_setting(item) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--chunk-sizes {text}: each entry is a positive token count or 'none', optionally followed by '{RELEASE}'"
+        ) from None
+
+
+def setting_name(setting: tuple[int | None, bool]) -> str:
+    size, release = setting
+    return f"{size}{RELEASE if release else ''}"
 
 
 def cuda() -> bool:
@@ -73,14 +96,15 @@ def phase_peaks_module(base_class):
 
 
 class Schedule(L.Callback):
-    """Sets `logprob_chunk_size` before each step and records the step's time, phases and peaks."""
+    """Sets `logprob_chunk_size` and `release_sampling_copy` before each step and records the step's time, phases
+    and peaks."""
 
-    def __init__(self, chunk_sizes: list[int | None]):
-        self.chunk_sizes = chunk_sizes
+    def __init__(self, settings: list[tuple[int | None, bool]]):
+        self.settings = settings
         self.rows: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.logprob_chunk_size = self.chunk_sizes[trainer.global_step]
+        pl_module.logprob_chunk_size, pl_module.release_sampling_copy = self.settings[trainer.global_step]
         if cuda():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -94,6 +118,8 @@ class Schedule(L.Callback):
             "step": len(self.rows),
             "warm_up": not self.rows,
             "logprob_chunk_size": pl_module.logprob_chunk_size,
+            "release_sampling_copy": pl_module.release_sampling_copy,
+            "setting": setting_name((pl_module.logprob_chunk_size, pl_module.release_sampling_copy)),
             "step_seconds": time.perf_counter() - self.start,
             "phases": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")},
             "response_tokens": float(trainer.callback_metrics["train/response_tokens"]),
@@ -105,18 +131,18 @@ class Schedule(L.Callback):
 
 def step_line(row: dict) -> str:
     phases = ", ".join(f"{k[5:]} {v:.2f}" for k, v in row["phases"].items())
-    line = f"step {row['step']} chunk={row['logprob_chunk_size']}: {row['step_seconds']:.2f} s ({phases})"
+    line = f"step {row['step']} chunk={row['setting']}: {row['step_seconds']:.2f} s ({phases})"
     for phase, peak in row["peak"].items():
         if peak:
             line += f" | {phase} peak {peak['allocated_gib']:.2f} / {peak['reserved_gib']:.2f} GiB"
     return line
 
 
-def summarize(rows: list[dict], chunk_sizes: list[int | None]) -> dict[str, dict]:
+def summarize(rows: list[dict], settings: list[tuple[int | None, bool]]) -> dict[str, dict]:
     """Per setting: mean step time and phases, and the highest peaks, over the timed (non-warm-up) steps."""
     summary = {}
-    for size in dict.fromkeys(chunk_sizes):
-        timed = [r for r in rows if not r["warm_up"] and r["logprob_chunk_size"] == size]
+    for name in dict.fromkeys(setting_name(setting) for setting in settings):
+        timed = [r for r in rows if not r["warm_up"] and r["setting"] == name]
         if not timed:
             continue
         entry = {"steps": len(timed), "step_seconds": sum(r["step_seconds"] for r in timed) / len(timed)}
@@ -125,19 +151,23 @@ def summarize(rows: list[dict], chunk_sizes: list[int | None]) -> dict[str, dict
         for phase in timed[0]["peak"]:
             for kind in timed[0]["peak"][phase]:
                 entry[f"peak_{phase}_{kind}"] = max(r["peak"][phase][kind] for r in timed)
-        summary[str(size)] = entry
+        summary[name] = entry
     return summary
 
 
 def main() -> None:
     parser = add_our_options(workload_parser())
-    parser.add_argument("--chunk-sizes", default="none,1024", help="comma-separated; 'none' = full logits")
+    parser.add_argument(
+        "--chunk-sizes",
+        default="none,1024",
+        help="comma-separated; 'none' = full logits; a '+release' suffix releases the sampling copy in the loss passes",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="timed steps per chunk size")
     parser.add_argument("--label", default=None, help="name of the JSON summary (default from the workload)")
     parser.add_argument("--tiny-cpu", action="store_true", help="dry run on the CPU with conf/model/tiny.yaml")
     args = parser.parse_args()
-    chunk_sizes = parse_chunk_sizes(args.chunk_sizes)
-    schedule = [None] + chunk_sizes * args.rounds  # warm-up with full logits, then the settings in turn
+    settings = parse_chunk_sizes(args.chunk_sizes)
+    schedule = [(None, False)] + settings * args.rounds  # warm-up with full logits, then the settings in turn
 
     from cqr_lightning.modules.rl import RLModule
     from data_modules.conversations import ConversationDataModule
@@ -160,7 +190,7 @@ def main() -> None:
     result = {
         "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "device": torch.cuda.get_device_name() if cuda() else "cpu",
-        "by_chunk_size": summarize(timings.rows, chunk_sizes),
+        "by_chunk_size": summarize(timings.rows, settings),
         "steps": timings.rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)

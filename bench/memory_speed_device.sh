@@ -6,7 +6,8 @@
 # Each workload is one process (bench/memory_speed.py): a warm-up step, then the settings in turn.
 #
 #   bash bench/memory_speed_device.sh [DATA] [CHUNKS]  DATA: the pack's corpus/dev (default /tmp/data);
-#                                                      CHUNKS: chunk sizes in tokens to try (default 1024,256)
+#                                                      CHUNKS: chunk sizes in tokens to try, each optionally with
+#                                                      '+release' (rl.release_sampling_copy); default 1024,256
 # With the wheels and data not yet under /tmp/site and DATA, carry .gpu_whl and .benchdata (built here by
 # bench/prepare_device_carry.sh) and this installs them first. Logs and JSON summaries go to $OUT.
 # DRY_RUN=1 runs both workloads on the CPU with the tiny model, 1 prompt, 4-token responses (checks the script only).

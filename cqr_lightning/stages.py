@@ -406,6 +406,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
             warmup_steps=r.warmup_steps,
             generation_batch_size=r.get("generation_batch_size"),
             fast_sampling=r.fast_sampling,
+            release_sampling_copy=r.get("release_sampling_copy", False),
             static_decoding=r.get("static_decoding", False),
             logprob_chunk_size=r.get("logprob_chunk_size"),
             seed=int(cfg.seed),

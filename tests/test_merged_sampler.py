@@ -63,3 +63,19 @@ def test_sync_follows_an_optimizer_step(policy, tiny_model_cfg):
     assert (stale - after_step).abs().max() > 0.03 * after_step.abs().max()
     sampler.sync()
     assert_same_distribution(policy, sampler, ids)
+
+
+def test_release_frees_the_merged_linears_and_sync_rebuilds_them_exactly(policy, tiny_model_cfg):
+    tokenizer = load_tokenizer(tiny_model_cfg)
+    ids = tokenizer(TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    sampler = MergedSampler(policy)
+    before = logits(sampler.model, ids)
+    merged_elements = sum(sampler.model.get_submodule(name).weight.numel() for name in sampler.lora_layers)
+    total_elements = sum(p.numel() for p in sampler.model.parameters())
+    sampler.release()
+    assert sampler.released
+    assert all(sampler.model.get_submodule(name).weight.numel() == 0 for name in sampler.lora_layers)
+    assert sum(p.numel() for p in sampler.model.parameters()) == total_elements - merged_elements
+    sampler.sync()
+    assert not sampler.released
+    assert torch.equal(logits(sampler.model, ids), before), "rebuilt from the same policy: the same weights"

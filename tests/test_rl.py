@@ -243,6 +243,25 @@ def test_fast_sampling_path_trains_and_resyncs_after_each_step(
     assert "time/generation" in trainer.callback_metrics
 
 
+def test_releasing_the_sampling_copy_between_rollouts_trains_the_same_adapter(
+    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
+):
+    adapters, released = [], []
+    for release in (False, True):
+        policy = policy_with_random_lora_b(tiny_model_cfg)
+        module = RLModule(
+            policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, fast_sampling=True,
+            release_sampling_copy=release, scorer=RetrievalScorer(retriever), seed=3,
+        )  # fmt: skip
+        fit(module, data_cfg, [], 3, tmp_path / str(release))
+        adapters.append(lora_state(policy))
+        released.append(module._sampler.released)
+    assert released == [False, True], "the copy is released after the last rollout only when asked"
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, value in adapters[0].items():
+        assert torch.equal(value, adapters[1][name]), name
+
+
 def test_turns_solved_by_question_are_those_whose_question_ranks_gold_high_enough(retriever, data_with_vague_turns):
     from cqr_lightning.readers import read_jsonl_turns
     from cqr_lightning.turn_filter import turns_solved_by_question

@@ -7,6 +7,10 @@ sampler keeps one plain bf16 model of the same architecture whose linear weights
 step. Only sampling uses it: the log-probabilities in the loss still come from the trained policy, so
 what is learned does not change; the sampling distribution matches the policy's within bf16 rounding
 (tests compare the logits).
+
+`release()` frees the merged weights of the LoRA-wrapped linears (nearly all of the copy) between sampling and
+the next `sync()`, which rebuilds them anyway: the loss passes can then use that memory. Embeddings, norms and
+the head stay.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class MergedSampler:
         model.tie_weights()
         model.generation_config.pad_token_id = inner.generation_config.pad_token_id
         self.model = model
+        self._shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in self.lora_layers}
+        self.released = False
         self.sync()
 
     @torch.no_grad()
@@ -68,13 +74,25 @@ class MergedSampler:
                 buffer.copy_(getattr(source, buffer_name))
 
     @torch.no_grad()
+    def release(self) -> None:
+        """Free the merged weights of the LoRA-wrapped linears until the next `sync()` (which must come before
+        the copy samples again)."""
+        for name in self.lora_layers:
+            weight = self.model.get_submodule(name).weight
+            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        self.released = True
+
+    @torch.no_grad()
     def sync(self) -> None:
         """Rewrite every LoRA-wrapped linear as base + current delta (call after each optimizer step)."""
         for name, layer in self.lora_layers.items():
             target = self.model.get_submodule(name)
+            if self.released:
+                target.weight.data = torch.empty(self._shapes[name], dtype=self.dtype, device=target.weight.device)
             merged = _dense_weight(layer.base_layer).float()
             if self.adapter_name in layer.lora_A and not layer.disable_adapters:
                 merged += layer.get_delta_weight(self.adapter_name).float()
             target.weight.copy_(merged.to(self.dtype))
             if layer.base_layer.bias is not None:
                 target.bias.copy_(layer.base_layer.bias.to(self.dtype))
+        self.released = False

@@ -61,6 +61,7 @@ class RLModule(PolicyModule):
         generation_batch_size: int | None = None,
         min_new_tokens: int = 0,
         fast_sampling: bool = False,
+        release_sampling_copy: bool = False,
         static_decoding: bool = False,
         logprob_chunk_size: int | None = None,
         seed: int = 0,
@@ -83,6 +84,7 @@ class RLModule(PolicyModule):
         self.generation_batch_size = generation_batch_size
         self.min_new_tokens = min_new_tokens  # > 0 only to force response lengths in benchmarks
         self.fast_sampling = fast_sampling
+        self.release_sampling_copy = release_sampling_copy  # free the copy's merged linears during the loss passes
         self.static_decoding = static_decoding
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
@@ -131,7 +133,7 @@ class RLModule(PolicyModule):
 
         if self._sampler is None:
             self._sampler = MergedSampler(self.policy)
-        elif self._sampler_step != self.global_step:
+        elif self._sampler_step != self.global_step or self._sampler.released:
             self._sampler.sync()
         self._sampler_step = self.global_step
         return self._sampler.model
@@ -190,6 +192,8 @@ class RLModule(PolicyModule):
         turns = batch.turns
         with self.timed("generation"):
             samples = self.sample(turns, batch.indices, batch.position.epoch)
+            if self.release_sampling_copy and self._sampler is not None:
+                self._sampler.release()
         with self.timed("reward"):
             rewards = self.scorer.score([turns[s.prompt_index] for s in samples], [s.text for s in samples])
         self.update(samples, rewards, n_prompts=len(turns))
