@@ -1,0 +1,187 @@
+"""GRPO on the real model through TRL's GRPOTrainer, to set beside ours (issue 16, time to quality).
+
+Takes the same Hydra overrides as `train.py`, so both trainers read one configuration: the same base model (4-bit
+with LoRA), the same warm-up adapter as the starting policy (`model.adapter`), the same training turns (the
+training split less the held-out conversations and the turns GRPO leaves out), the same prompts, the same
+reward (our `RetrievalScorer`: `rl.rewards` on the `search.query_mode` search), and the same G, prompts a step,
+steps, learning rate and warm-up, clip range, KL weight, temperature and response budget, with the token-mean loss
+("dapo" in TRL). The trained adapter is then evaluated by the pipeline's own table code on `eval.splits`.
+
+    python bench/trl_real_model.py experiment=pack_smollm2 seed=0 data.dir=DATA \
+        model.adapter=RUN/warmup/adapter run_dir=OUT/trl-seed0
+
+Writes `<run_dir>/trl_summary.json` (wall time of training, per-step seconds and rewards, the evaluation tables)
+and the usual `<run_dir>/eval/` tables. What differs from ours and cannot be matched: TRL's KL reference is the
+base model with the adapter switched off (ours: the warm-up adapter), TRL has no entropy bonus (ours 0.001),
+and TRL samples from the 4-bit policy (ours from a merged bf16 copy with `rl.fast_sampling`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class StepRecorder(TrainerCallback):
+    """Seconds and mean reward of every optimizer step."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.rewards: list[float] = []
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.seconds.append(time.perf_counter() - self.start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.rewards.append(float(logs["reward"]))
+            print(f"TRL step {state.global_step}: reward {logs['reward']:.3f}", flush=True)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    from cqr_lightning.config import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def training_turns(cfg: DictConfig, retriever, run_dir: Path) -> list:
+    """The turns our GRPO trains on: the training split (held-out conversations already removed by the reader)
+    less the turns `skipped_rl_turns` leaves out."""
+    from cqr_lightning.readers import turn_reader
+    from cqr_lightning.stages import skipped_rl_turns
+
+    skipped = skipped_rl_turns(cfg, run_dir, retriever)
+    return [t for t in turn_reader(cfg.data, cfg.data.train_split)() if t.id not in skipped]
+
+
+def grpo_config(cfg: DictConfig, out: Path):
+    from trl import GRPOConfig
+
+    r = cfg.rl
+    sequences = int(r.batch_size) * int(r.group_size)
+    micro = min(int(r.micro_batch_size), sequences)
+    if sequences % micro:
+        raise SystemExit(f"rl.batch_size x rl.group_size ({sequences}) must be a multiple of rl.micro_batch_size")
+    return GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=sequences // micro,
+        num_generations=int(r.group_size),
+        max_completion_length=int(r.max_new_tokens),
+        temperature=float(r.temperature),
+        top_p=float(r.top_p),
+        learning_rate=float(r.lr),
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=int(r.warmup_steps),
+        adam_beta1=float(r.betas[0]),
+        adam_beta2=float(r.betas[1]),
+        weight_decay=float(r.weight_decay),
+        max_grad_norm=float(r.max_grad_norm),
+        beta=float(r.kl_beta),
+        epsilon=float(r.clip_eps),
+        loss_type="dapo",
+        scale_rewards="group" if r.scale_advantages else "none",
+        num_iterations=int(r.updates_per_rollout),
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+        bf16=torch.cuda.is_available(),
+        max_steps=int(r.max_steps),
+        seed=int(cfg.seed),
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_vllm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def main(overrides: list[str]) -> dict:
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from cqr_lightning.grpo.reward_terms import weighted_terms
+    from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
+    from cqr_lightning.prompts import render_prompt
+    from cqr_lightning.retrieval.factory import open_retriever
+    from cqr_lightning.rewriter_card import rewriter_card
+    from cqr_lightning.scoring import SPEC_REWARD, RetrievalScorer
+    from cqr_lightning.search import SearchPlan
+    from cqr_lightning.stages import evaluate_rewriters
+
+    cfg = compose_config(overrides)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, adapter=cfg.model.get("adapter"), trainable=True)
+    rewards = OmegaConf.to_container(cfg.rl.rewards, resolve=True) if cfg.rl.get("rewards") else list(SPEC_REWARD)
+    with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
+        turns = training_turns(cfg, retriever, run_dir)
+        scorer = RetrievalScorer(
+            retriever,
+            SearchPlan.from_config(cfg.get("search")),
+            rewards=weighted_terms(rewards),
+            response_format=cfg.response_format,
+            depth=int(cfg.retriever.get("k", 100)),
+        )
+        prompts = [render_prompt(tokenizer, t, cfg.model.max_prompt_length, False, cfg.response_format) for t in turns]
+        dataset = Dataset.from_list([{"prompt": p, "turn_index": i} for i, p in enumerate(prompts)])
+
+        def retrieval_reward(completions, turn_index, **kwargs) -> list[float]:
+            return scorer.score([turns[i] for i in turn_index], list(completions)).rewards
+
+        recorder = StepRecorder()
+        trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=retrieval_reward,
+            args=grpo_config(cfg, run_dir / "trl"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[recorder],
+        )
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+    adapter = save_adapter(
+        policy, run_dir / "rl" / "adapter", tokenizer=tokenizer, card=rewriter_card(cfg, cfg.rl.max_new_tokens)
+    )
+    eval_cfg = OmegaConf.merge(cfg, {"eval": {"untuned_row": False, "warmup_row": False}})
+    tables = evaluate_rewriters(eval_cfg, run_dir, {"after TRL GRPO": str(adapter)})
+    summary = {
+        "trainer": "trl.GRPOTrainer",
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "training_turns": len(turns),
+        "train_seconds": train_seconds,
+        "step_seconds": recorder.seconds,
+        "reward_mean": recorder.rewards,
+        "tables": tables,
+    }
+    (run_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "tables"}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

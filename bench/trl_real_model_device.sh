@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 16 on the GPU machine, one call on one H200: time to quality on the real model, ours against TRL's
+# GRPOTrainer. One warm-up (`train.py experiment=pack_smollm2 stage=warmup`), then from that adapter, one after the
+# other on the same GPU: our GRPO (the pipeline with the warm-up copied in: RL, then the tables) and TRL's
+# (bench/trl_real_model.py: the same configuration, reward and turns; then the same tables).
+#
+#   bash bench/trl_real_model_device.sh SEED [key=value ...]    (extra overrides go to both trainers)
+#
+# Expects what bench/holdout_experiment_device.sh expects (wheels with TRL and datasets in /tmp/site, the pack in
+# /tmp/data, the GGUF). "to adapter" = seconds from the process start to the trained adapter on disk (model
+# loading included, evaluation not). Small results are tarred to $OUT/trl_real_model.tgz.
+set -u
+seed=$1
+shift
+runs=${RUNS:-/tmp/trl_real}
+mkdir -p "$runs"
+export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+common=(experiment=pack_smollm2 "seed=$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu "$@")
+python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+
+to_adapter() {  # RUN_DIR START: seconds from START to the trained adapter's file
+  local file="$1/rl/adapter/adapter_model.safetensors"
+  [ -f "$file" ] && echo $(($(stat -c %Y "$file") - $2)) || echo "none"
+}
+
+python3 train.py "${common[@]}" stage=warmup "run_dir=$runs/warm" >"$runs/warm.log" 2>&1
+adapter=$runs/warm/warmup/adapter
+[ -f "$adapter/adapter_model.safetensors" ] || { tail -30 "$runs/warm.log"; exit 1; }
+
+mkdir -p "$runs/ours" && cp -r "$runs/warm/warmup" "$runs/ours/warmup"
+started=$(date +%s)
+python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
+  >"$runs/ours.log" 2>&1
+echo "== ours: exit $?, to adapter $(to_adapter "$runs/ours" "$started") s, all $(($(date +%s) - started)) s"
+grep -E "after GRPO|searched with|Error" "$runs/ours.log" | tail -8
+
+started=$(date +%s)
+python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" >"$runs/trl.log" 2>&1
+echo "== TRL: exit $?, to adapter $(to_adapter "$runs/trl" "$started") s, all $(($(date +%s) - started)) s"
+grep -E "after TRL GRPO|searched with|train_seconds|Error" "$runs/trl.log" | tail -8
+
+cd "$runs" && find . \( -name '*.log' -o -name 'summary.json' -o -name 'trl_summary.json' -o -name 'curves.csv' \
+  -o -name 'rewrites.jsonl' -o -name 'metrics.json' \) -size -8M | tar czf "$OUT/trl_real_model.tgz" -T -
+ls -la "$OUT"
