@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,4 +120,33 @@ def test_kill_9_under_ddp_then_resume_finishes_with_the_same_adapter(fixture_dat
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert checkpoint_step(last) == STEPS
+    assert_same_adapter(adapter(run_dir), adapter(one_process_run))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_started_by_torchrun_give_the_adapter_of_one_process(fixture_data_dir, one_process_run, tmp_path):
+    """The README's multi-node launch, as two one-process "nodes" on this host: `trainer.num_nodes=2` and the
+    same command on each node under torchrun, which Lightning then uses instead of launching processes itself."""
+    run_dir = tmp_path / "nodes"
+    python, script, *overrides = rl_command(fixture_data_dir, run_dir, "trainer=ddp", "trainer.devices=1",
+                                            "trainer.num_nodes=2")  # fmt: skip
+    port = free_port()
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        launch = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+                  "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
+        with log.open("w") as out:  # files, not pipes: a full pipe would stall one node and with it the other
+            nodes.append(subprocess.Popen([python, *launch, script, *overrides], cwd=ROOT, env=ENV, stdout=out,
+                                          stderr=subprocess.STDOUT))  # fmt: skip
+    codes = [node.wait(timeout=600) for node in nodes]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     assert_same_adapter(adapter(run_dir), adapter(one_process_run))
