@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_train_e2e import compose_train, tiny_overrides
 
 from cqr_lightning import builders
@@ -79,3 +81,28 @@ def test_every_key_of_the_shipped_stage_configs_is_a_setting(fixture_data_dir, t
         cfg = train_cfg(fixture_data_dir, tmp_path, *extra)
         for group in builders.RECIPE_KEYS:
             check_module_settings(cfg, group)
+
+
+def test_the_grpo_step_benchmark_builds_its_module_through_the_shared_builder(
+    fixture_data_dir, tiny_model_cfg, monkeypatch
+):
+    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.setattr(sys, "path", sys.path)
+    import grpo_step
+
+    calls = []
+
+    def spy(cfg, group, *args, **kwargs):
+        calls.append(group)
+        return build_module(cfg, group, *args, **kwargs)
+
+    monkeypatch.setattr(builders, "build_module", spy)
+    argv = ["--data", str(fixture_data_dir), "--group", "2", "--response", "5", "--max-prompt", "512", "--fast"]
+    args = grpo_step.add_our_options(grpo_step.workload_parser()).parse_args(argv)
+    module, data_cfg = grpo_step.build_module(args, OmegaConf.merge(tiny_model_cfg, {"device": "cpu"}))
+    assert calls == ["rl"] and type(module) is RLModule
+    assert module.group_size == 2 and module.max_new_tokens == 5 and module.min_new_tokens == 5
+    assert module.fast_sampling is True and module.static_decoding is False and module.logprob_chunk_size is None
+    assert module.optimizer_settings["lr"] == 1e-5 and module.warmup_steps == 0 and module.entropy_coef == 0.0
+    assert module.max_prompt_length == 512 and module.response_format == "think_rewrite"
+    assert data_cfg.train_split == "dev"
