@@ -51,6 +51,8 @@ RECIPE_KEYS = {
         "checkpoint_every_n_steps",
     ),
 }
+# warm-up keys that are arguments of the self-distillation sampler (cqr_lightning/distill.py), not of the module
+SAMPLER_KEYS = ("num_samples", "temperature", "top_p", "max_new_tokens", "prefill_response")
 # constructor arguments the run supplies, and the setting a user changes instead
 RUN_ARGUMENTS = {
     "policy": "model",
@@ -128,3 +130,17 @@ def build_module(cfg: DictConfig, group: str, policy, tokenizer, scorer, target:
     else:  # a class Hydra cannot import by name (defined in a script or a function)
         factory = partial(target, **settings)
     return factory(policy, tokenizer, **{k: v for k, v in run.items() if k in accepted}, **stage_arguments)
+
+
+def build_sampler(cfg: DictConfig, policy, tokenizer):
+    """The warm-up's self-distillation sampler, from the `warmup` keys it takes (`SAMPLER_KEYS`) and the run's."""
+    from cqr_lightning.distill import RewriteSampler
+
+    return RewriteSampler(
+        policy,
+        tokenizer,
+        max_prompt_length=cfg.model.max_prompt_length,
+        response_format=cfg.response_format,
+        seed=int(cfg.seed),
+        **{key: cfg.warmup[key] for key in SAMPLER_KEYS},
+    )

@@ -33,7 +33,7 @@ from callbacks.step_progress import step_progress_bar
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
-from cqr_lightning.builders import build_module
+from cqr_lightning.builders import build_module, build_sampler
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.distributed import gather_objects, is_main_process, per_rank_batch
 from cqr_lightning.errors import ConfigError
@@ -191,7 +191,6 @@ def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, t
     Under DDP each process samples its share of the turns (`trainer`'s predict loop); the main process gathers
     them in file order, filters and writes the files while the others wait, so the file is the one a single
     process writes (sampling is seeded per batch, cqr_lightning/distributed.py)."""
-    from cqr_lightning.distill import RewriteSampler
     from data_modules.conversations import ConversationDataModule
 
     w = cfg.warmup
@@ -201,18 +200,7 @@ def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, t
             log.info("reusing %s", distilled_path)
             return distilled_path
         log.warning("%s is empty (left by an earlier run that kept nothing): sampling again", distilled_path)
-    sampler = RewriteSampler(
-        policy,
-        tokenizer,
-        max_prompt_length=cfg.model.max_prompt_length,
-        num_samples=w.num_samples,
-        temperature=w.temperature,
-        top_p=w.top_p,
-        max_new_tokens=w.max_new_tokens,
-        response_format=cfg.response_format,
-        prefill=w.prefill_response,
-        seed=int(cfg.seed),
-    )
+    sampler = build_sampler(cfg, policy, tokenizer)
     datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
     batches = trainer.predict(sampler, datamodule=datamodule)
     indexed = gather_objects([pair for batch in batches for pair in batch])

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from test_train_e2e import compose_train, tiny_overrides
 
 from cqr_lightning import builders
-from cqr_lightning.builders import build_module, check_module_settings
+from cqr_lightning.builders import build_module, build_sampler, check_module_settings
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.formatting import response_prefix
 from cqr_lightning.modules.rl import RLModule
 from cqr_lightning.modules.warmup import WarmupModule
 from cqr_lightning.preflight import check_training_inputs
@@ -49,6 +50,15 @@ def test_a_warmup_key_reaches_the_constructor(fixture_data_dir, tmp_path):
     assert type(module) is WarmupModule
     assert module.max_length == 77 and module.optimizer_settings["lr"] == 3e-4
     assert module.schedule_settings == {"warmup_steps": 2, "total_steps": 9, "schedule": "linear"}
+
+
+def test_the_distillation_sampler_takes_its_warmup_keys(fixture_data_dir, tmp_path):
+    overrides = ("warmup.num_samples=3", "warmup.top_p=0.9", "warmup.prefill_response=true", "seed=5")
+    cfg = train_cfg(fixture_data_dir, tmp_path, *overrides)
+    sampler = build_sampler(cfg, tiny_policy(), "tokenizer")
+    assert sampler.num_samples == 3 and sampler.top_p == 0.9 and sampler.temperature == 0.7
+    assert sampler.max_new_tokens == 12 and sampler.seed == 5  # tiny_overrides; the run's seed
+    assert sampler.prefill == response_prefix(cfg.response_format) != ""
 
 
 def test_a_target_subclass_is_built_with_the_same_settings(fixture_data_dir, tmp_path):
