@@ -5,7 +5,8 @@ default in that file alone, except the stage's own recipe keys listed in `RECIPE
 itself (batch sizes, steps, validation and checkpoint intervals, rewards, ...). The arguments that come from the
 run rather than from the group (the policy, its tokenizer, the scorer, the seed, the prompt length, the response
 format) are passed here, so the group cannot set them. A key that is none of these stops with a ConfigError
-naming it, before any model loads (cqr_lightning/preflight.py).
+naming it, before any model loads (cqr_lightning/preflight.py). The warm-up's self-distillation sampler takes its
+own `warmup` keys (`SAMPLER_KEYS`).
 """
 
 from __future__ import annotations
