@@ -143,35 +143,49 @@ def qwen_model_config(args):
     return model_cfg
 
 
+def workload_config(args, model_cfg):
+    """The training config (conf/train.yaml) with the workload's settings; the rest as RLModule's own defaults were
+    when this benchmark was first measured (think_rewrite prompts, no learning-rate warm-up)."""
+    from cqr_lightning.config import compose_train_config
+
+    cfg = compose_train_config(
+        [
+            "response_format=think_rewrite",
+            f"rl.group_size={args.group}",
+            f"rl.max_new_tokens={args.response}",
+            f"+rl.min_new_tokens={args.response}",  # forced response lengths
+            f"rl.micro_batch_size={args.micro_batch}",
+            "rl.lr=1e-5",
+            "rl.warmup_steps=0",
+            f"rl.entropy_coef={args.entropy_coef}",
+            f"rl.fast_sampling={args.fast}",
+            f"rl.static_decoding={args.static}",
+            f"rl.logprob_chunk_size={'null' if args.logprob_chunk_size is None else args.logprob_chunk_size}",
+        ]
+    )
+    cfg.model = model_cfg
+    cfg.model.max_prompt_length = args.max_prompt
+    return cfg
+
+
 def build_module(args, model_cfg, module_class=None):
-    """Our RLModule with the workload's settings, and the data module's config; (module, data_cfg)."""
+    """Our RLModule built from the workload's config by the builder train.py uses (cqr_lightning/builders.py), and
+    the data module's config; (module, data_cfg). `module_class`: a subclass of RLModule to build instead."""
+    from cqr_lightning.builders import build_module as build_stage_module
     from cqr_lightning.models.loading import load_policy, load_tokenizer
-    from cqr_lightning.modules.rl import RLModule
     from cqr_lightning.scoring import RetrievalScorer, open_reward_retriever
     from cqr_lightning.search import SearchPlan
 
-    policy, tokenizer = load_policy(model_cfg), load_tokenizer(model_cfg)
+    cfg = workload_config(args, model_cfg)
+    policy, tokenizer = load_policy(cfg.model), load_tokenizer(cfg.model)
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         used, by_torch = (total - free) / 2**30, torch.cuda.memory_allocated() / 2**30
         print(f"policy loaded: device used {used:.1f} GiB, torch {by_torch:.1f}")
     retriever_cfg = OmegaConf.create({"name": "bm25s", "k": 100, "max_query_words": 1024, "index_dir": None})
     retriever = open_reward_retriever(retriever_cfg, str(args.data / "corpus.jsonl"))
-    module = (module_class or RLModule)(
-        policy,
-        tokenizer,
-        group_size=args.group,
-        max_new_tokens=args.response,
-        min_new_tokens=args.response,
-        micro_batch_size=args.micro_batch,
-        max_prompt_length=args.max_prompt,
-        lr=1e-5,
-        entropy_coef=args.entropy_coef,
-        fast_sampling=args.fast,
-        static_decoding=args.static,
-        logprob_chunk_size=args.logprob_chunk_size,
-        scorer=RetrievalScorer(retriever, SearchPlan("rewrite", first_turn_as_asked=False)),  # as TRL's reward
-    )
+    scorer = RetrievalScorer(retriever, SearchPlan("rewrite", first_turn_as_asked=False))  # as TRL's reward
+    module = build_stage_module(cfg, "rl", policy, tokenizer, scorer, target=module_class)
     data_dir = long_context_split(args.data) if args.long_context else args.data
     data_cfg = OmegaConf.create(
         {"format": "jsonl", "dir": str(data_dir), "corpus": str(args.data / "corpus.jsonl"),

@@ -26,6 +26,15 @@ def data_dir_required() -> str:
     raise ConfigError("data=jsonl needs data.dir=FOLDER, the folder holding corpus.jsonl and <split>.jsonl")
 
 
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """`conf/train.yaml` composed with command-line style `overrides`, as `train.py` composes it (for scripts that
+    build a stage's objects outside `train.py`, such as bench/)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
 def register_resolvers() -> None:
     """Make `${demo_data_dir:}`, `${cache_dir:}` and `${project_dir:}` usable in YAML; safe to call repeatedly.
 

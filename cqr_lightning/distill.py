@@ -133,11 +133,11 @@ class RewriteSampler(L.LightningModule):
         max_new_tokens: int = 256,
         response_format: str = THINK_REWRITE,
         batch_size: int | None = None,
-        prefill: bool = False,
+        prefill_response: bool = False,
         seed: int = 0,
     ):
         super().__init__()
-        self.prefill = response_prefix(response_format) if prefill else ""
+        self.prefill = response_prefix(response_format) if prefill_response else ""
         self.policy = policy
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length

@@ -26,7 +26,10 @@ POSITIVE_SETTINGS = {
 
 
 def check_settings(cfg, groups: Iterable[str]) -> None:
-    """ConfigError naming the first setting of `groups` that cannot work (a size or rate <= 0, G < 2)."""
+    """ConfigError naming the first setting of `groups` that cannot work (a size or rate <= 0, G < 2), or that a
+    stage group does not have (cqr_lightning/builders.py)."""
+    from cqr_lightning.builders import RECIPE_KEYS, check_module_settings
+
     for group in groups:
         section = cfg.get(group) or {}
         for name in POSITIVE_SETTINGS.get(group, ()):
@@ -43,6 +46,8 @@ def check_settings(cfg, groups: Iterable[str]) -> None:
                 f"rl.group_size={section.get('group_size')} must be at least 2: GRPO's advantage compares each "
                 "response with the others sampled for the same prompt"
             )
+        if group in RECIPE_KEYS:
+            check_module_settings(cfg, group)
 
 
 def corpus_ids(data_cfg) -> frozenset[str]:

@@ -33,6 +33,7 @@ from callbacks.step_progress import step_progress_bar
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
+from cqr_lightning.builders import build_module, build_sampler
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.distributed import gather_objects, is_main_process, per_rank_batch
 from cqr_lightning.errors import ConfigError
@@ -109,16 +110,6 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
         check_val_every_n_epoch=None,
         **kwargs,
     )
-
-
-def policy_settings(cfg: DictConfig, stage_cfg: DictConfig) -> dict:
-    """The PolicyModule arguments both stages take from the same places."""
-    return {
-        "max_prompt_length": cfg.model.max_prompt_length,
-        "max_new_tokens": stage_cfg.max_new_tokens,
-        "response_format": cfg.response_format,
-        "val_batch_size": stage_cfg.val_batch_size,
-    }
 
 
 def remember_run(module, logger) -> None:
@@ -200,7 +191,6 @@ def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, t
     Under DDP each process samples its share of the turns (`trainer`'s predict loop); the main process gathers
     them in file order, filters and writes the files while the others wait, so the file is the one a single
     process writes (sampling is seeded per batch, cqr_lightning/distributed.py)."""
-    from cqr_lightning.distill import RewriteSampler
     from data_modules.conversations import ConversationDataModule
 
     w = cfg.warmup
@@ -210,18 +200,7 @@ def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, t
             log.info("reusing %s", distilled_path)
             return distilled_path
         log.warning("%s is empty (left by an earlier run that kept nothing): sampling again", distilled_path)
-    sampler = RewriteSampler(
-        policy,
-        tokenizer,
-        max_prompt_length=cfg.model.max_prompt_length,
-        num_samples=w.num_samples,
-        temperature=w.temperature,
-        top_p=w.top_p,
-        max_new_tokens=w.max_new_tokens,
-        response_format=cfg.response_format,
-        prefill=w.prefill_response,
-        seed=int(cfg.seed),
-    )
+    sampler = build_sampler(cfg, policy, tokenizer)
     datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
     batches = trainer.predict(sampler, datamodule=datamodule)
     indexed = gather_objects([pair for batch in batches for pair in batch])
@@ -261,7 +240,6 @@ def count_lines(path: Path) -> int:
 
 def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     from cqr_lightning.models.loading import load_tokenizer
-    from cqr_lightning.modules.warmup import WarmupModule
     from data_modules.distilled import DistilledDataModule
 
     check_training_inputs(cfg)  # settings, corpus and splits, before any model loads (cqr_lightning/preflight.py)
@@ -299,19 +277,9 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             )
         steps_per_epoch = math.ceil(batches / w.accumulate_grad_batches)
         total_steps = steps_per_epoch * w.epochs
-        module = WarmupModule(
-            policy,
-            tokenizer,
-            max_length=w.max_length,
-            optimizer=w.optimizer,
-            lr=w.lr,
-            betas=tuple(w.betas),
-            weight_decay=w.weight_decay,
-            warmup_steps=int(w.warmup_ratio * total_steps),
-            total_steps=total_steps,
-            schedule=w.schedule,
-            scorer=scorer,
-            **policy_settings(cfg, w),
+        warmup_steps = int(w.warmup_ratio * total_steps)
+        module = build_module(
+            cfg, "warmup", policy, tokenizer, scorer, warmup_steps=warmup_steps, total_steps=total_steps
         )
         remember_run(module, logger)
         datamodule = DistilledDataModule(
@@ -353,7 +321,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
 
 def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     from cqr_lightning.models.loading import load_adapter, load_tokenizer, save_adapter
-    from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
+    from cqr_lightning.modules.rl import REFERENCE_ADAPTER
     from data_modules.conversations import ConversationDataModule
 
     check_training_inputs(cfg)
@@ -384,35 +352,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         policy.set_adapter("default")
     with open_stage_retriever(cfg) as retriever:  # one retriever for the turn filter, rewards and validation
         scorer = stage_scorer(cfg, retriever, rewards=r.rewards)
-        module = RLModule(
-            policy,
-            tokenizer,
-            group_size=r.group_size,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            clip_eps=r.clip_eps,
-            kl_beta=r.kl_beta,
-            entropy_coef=r.entropy_coef,
-            loss_aggregation=r.loss_aggregation,
-            loss_constant=r.get("loss_constant"),
-            scale_advantages=r.scale_advantages,
-            updates_per_rollout=r.updates_per_rollout,
-            micro_batch_size=r.micro_batch_size,
-            max_grad_norm=r.max_grad_norm,
-            optimizer=r.optimizer,
-            lr=r.lr,
-            betas=tuple(r.betas),
-            weight_decay=r.weight_decay,
-            warmup_steps=r.warmup_steps,
-            generation_batch_size=r.get("generation_batch_size"),
-            fast_sampling=r.fast_sampling,
-            release_sampling_copy=r.get("release_sampling_copy", False),
-            static_decoding=r.get("static_decoding", False),
-            logprob_chunk_size=r.get("logprob_chunk_size"),
-            seed=int(cfg.seed),
-            scorer=scorer,
-            **policy_settings(cfg, r),
-        )
+        module = build_module(cfg, "rl", policy, tokenizer, scorer)
         remember_run(module, logger)
         datamodule = ConversationDataModule(
             cfg.data,
