@@ -390,7 +390,11 @@ def case_resume_false_beside_damaged(audit: Audit, out: Outcome) -> None:
     (folder / "last.ckpt").write_bytes(b"not a checkpoint")
     before = len(curve_steps(run_dir))
     process = audit.start(audit.train_args(audit.data, run_dir, "resume=false", steps=STEPS))
-    reached = audit.wait_for(process, lambda: newest_step(folder) >= 3)
+
+    def fresh_run_checkpointed() -> bool:  # the old folder moved aside first, so its checkpoints do not count
+        return any(folder.parent.glob("checkpoints.old-*")) and newest_step(folder) >= 3
+
+    reached = audit.wait_for(process, fresh_run_checkpointed)
     process.send_signal(signal.SIGKILL)
     process.wait()
     at_kill = newest_step(folder)
