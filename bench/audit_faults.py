@@ -528,6 +528,8 @@ def invalid_utf8_case(file: str, line: int, old: bytes, new: bytes) -> Callable[
     def case(audit: Audit, out: Outcome) -> None:
         data = audit.data_copy(f"utf8-{file}")
         lines = (data / file).read_bytes().splitlines(keepends=True)
+        if old not in lines[line - 1]:
+            raise ValueError(f"{file}:{line} holds no {old!r} to damage")
         lines[line - 1] = lines[line - 1].replace(old, new, 1)
         (data / file).write_bytes(b"".join(lines))
         done = audit.run(audit.train_args(data, audit.work / f"utf8-{file}-run"))
@@ -667,7 +669,7 @@ CASES: list[tuple[str, str, Callable[[Audit, Outcome], None]]] = [
         "error naming setting",
         setting_case("stage=warmup", "warmup.lr=-1e-4", needle="warmup.lr"),
     ),  # fmt: skip
-    ("invalid_utf8_train", "error naming file and line", invalid_utf8_case("train.jsonl", 3, b"Moon", b"Mo\xffon")),
+    ("invalid_utf8_train", "error naming file and line", invalid_utf8_case("train.jsonl", 5, b"Moon", b"Mo\xffon")),
     ("invalid_utf8_dev", "error naming file and line", invalid_utf8_case("dev.jsonl", 2, b"glacier", b"gl\xc3(")),
     ("invalid_utf8_corpus", "error naming file and line", invalid_utf8_case("corpus.jsonl", 5, b"Moon", b"M\x80n")),
     ("index_empty_corpus", "error naming file", case_index_empty_corpus),
