@@ -586,7 +586,7 @@ def case_full_disk(audit: Audit, out: Outcome) -> None:
     args = [sys.executable, "-c", FULL_DISK, *audit.evaluate_args("data=jsonl", f"data.dir={audit.data}")[3:],
             f"output_dir={output_dir}"]  # fmt: skip
     done = audit.run(args)
-    out.result, out.detail = audit.expect_error(done, "No space left on device")
+    out.result, out.detail = audit.expect_error(done, "No space left on device: '")  # the file named
     leftovers = [str(p.relative_to(audit.work)) for p in output_dir.rglob("*") if ".tmp" in p.name]
     if out.result == "OK" and leftovers:
         out.result, out.detail = "WRONG", f"temporary files left behind: {leftovers}"
