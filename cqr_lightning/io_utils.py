@@ -61,7 +61,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as error:
-        if error.filename is None:  # a failed write or fsync names no file: name the one being written
+        if error.filename is None and error.errno is not None:  # a failed write or fsync names no file: name ours
             error.filename = str(path)
         raise
     finally:

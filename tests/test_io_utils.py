@@ -40,6 +40,13 @@ def test_a_full_disk_at_fsync_names_the_file_being_written(tmp_path, monkeypatch
         write_json(target, {"n": 2})
     assert json.loads(target.read_text()) == {"n": 1} and list(tmp_path.iterdir()) == [target]
 
+    def no_errno(fd):
+        raise OSError("write refused")
+
+    monkeypatch.setattr(os, "fsync", no_errno)  # an OSError of one message keeps it as it is
+    with pytest.raises(OSError, match=r"^write refused$"):
+        write_json(target, {"n": 3})
+
 
 def test_write_json_failing_midway_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "metrics.json"
