@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
 from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
-from cqr_lightning.errors import ConfigError
+from cqr_lightning.errors import ConfigError, user_errors_reported
 from cqr_lightning.mlflow_runs import tracked_runs
 from cqr_lightning.run_settings import check_run_settings
 
@@ -59,7 +59,8 @@ def main(cfg: DictConfig) -> None:
     cfg = own_job_folder(cfg, "run_dir")
     launched_run_dir(cfg)
     try:
-        result = run(cfg)
+        with user_errors_reported():
+            result = run(cfg)
     except SIGTERMException:
         log.warning("stopped by SIGTERM; run the same command again (same run_dir) to resume")
         raise SystemExit(SIGTERM_EXIT_CODE) from None

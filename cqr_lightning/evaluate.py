@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
-from cqr_lightning.errors import DataError
+from cqr_lightning.errors import DataError, user_errors_reported
 from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.preflight import check_evaluation_inputs
@@ -160,11 +160,12 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    cfg = own_job_folder(cfg, "output_dir")
-    if cfg.rewriter.name == "model":  # an adapter is used as it was trained, unless the command line says otherwise
-        cfg = with_adapter_card(cfg, hydra_command_line_keys())
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    run_evaluation(cfg)
+    with user_errors_reported():
+        cfg = own_job_folder(cfg, "output_dir")
+        if cfg.rewriter.name == "model":  # an adapter is used as it was trained, unless the command line says so
+            cfg = with_adapter_card(cfg, hydra_command_line_keys())
+        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        run_evaluation(cfg)
 
 
 register_resolvers()

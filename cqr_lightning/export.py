@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, register_resolvers
-from cqr_lightning.errors import ConfigError
+from cqr_lightning.errors import ConfigError, user_errors_reported
 from cqr_lightning.io_utils import atomic_dir
 from cqr_lightning.rewriter_card import hydra_command_line_keys, read_card, with_adapter_card, write_card
 
@@ -74,9 +74,10 @@ def export_rewriter(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
-    cfg = with_adapter_card(cfg, hydra_command_line_keys())
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    export_rewriter(cfg)
+    with user_errors_reported():
+        cfg = with_adapter_card(cfg, hydra_command_line_keys())
+        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        export_rewriter(cfg)
 
 
 register_resolvers()

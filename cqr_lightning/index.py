@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cqr_lightning.config import register_resolvers
-from cqr_lightning.errors import DataError
+from cqr_lightning.errors import DataError, user_errors_reported
 from cqr_lightning.retrieval.corpus import read_corpus
 from cqr_lightning.retrieval.factory import IndexInfo, ensure_index
 
@@ -37,7 +37,8 @@ def run(cfg: DictConfig) -> IndexInfo:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="index")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with user_errors_reported():
+        run(cfg)
 
 
 register_resolvers()

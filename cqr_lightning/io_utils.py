@@ -50,7 +50,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
     """Yield a handle on a temporary file beside `path`; flush, fsync and rename it to `path` when the block
     succeeds. On any error (a full disk, a crash in the writer) the temporary file is removed and `path` keeps its
-    old content."""
+    old content; an OSError that names no file names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
@@ -60,6 +60,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is None and error.errno is not None:  # a failed write or fsync names no file: name ours
+            error.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -10,8 +10,10 @@ choices named, rather than resuming from an older step or starting over in silen
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +38,17 @@ def inspect_checkpoint(path: str | Path) -> CheckpointFile:
     stat = path.stat()
     if stat.st_size == 0:
         return CheckpointFile(path, stat.st_mtime, None, "the file is empty (0 bytes)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at the end of the file
+        problem = "it does not load: not a complete checkpoint (truncated, or not written by torch.save)"
+        return CheckpointFile(path, stat.st_mtime, None, problem)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which would run the file's code
+        problem = "it does not load: it holds objects other than tensors and plain values (not our checkpoint)"
+        return CheckpointFile(path, stat.st_mtime, None, problem)
     except Exception as error:  # torch reports a damaged file with many exception types
-        return CheckpointFile(path, stat.st_mtime, None, f"it does not load ({type(error).__name__}: {error})")
+        reason = str(error).splitlines()[0] if str(error) else ""
+        return CheckpointFile(path, stat.st_mtime, None, f"it does not load ({type(error).__name__}: {reason})")
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     if not isinstance(step, int):
         return CheckpointFile(path, stat.st_mtime, None, "it holds no 'global_step' (not a Lightning checkpoint)")

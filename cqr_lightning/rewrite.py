@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, register_resolvers
-from cqr_lightning.errors import DataError
+from cqr_lightning.errors import DataError, user_errors_reported
 from cqr_lightning.evaluate import build_rewriter, rewrite_all
 from cqr_lightning.io_utils import write_jsonl
 from cqr_lightning.readers import read_jsonl_turns
@@ -73,10 +73,11 @@ def run_rewrite(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="rewrite")
 def main(cfg: DictConfig) -> None:
-    if cfg.rewriter.name == "model":  # the adapter is used as it was trained, unless the command line says otherwise
-        cfg = with_adapter_card(cfg, hydra_command_line_keys())
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    run_rewrite(cfg)
+    with user_errors_reported():
+        if cfg.rewriter.name == "model":  # the adapter is used as it was trained, unless the command line says so
+            cfg = with_adapter_card(cfg, hydra_command_line_keys())
+        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        run_rewrite(cfg)
 
 
 register_resolvers()

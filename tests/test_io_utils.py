@@ -27,6 +27,27 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+def test_a_full_disk_at_fsync_names_the_file_being_written(tmp_path, monkeypatch):
+    """A failed write or fsync carries no file name; the error names the target so the user knows what failed."""
+    target = tmp_path / "metrics.json"
+    write_json(target, {"n": 1})
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=f"No space left on device: '{target}'"):
+        write_json(target, {"n": 2})
+    assert json.loads(target.read_text()) == {"n": 1} and list(tmp_path.iterdir()) == [target]
+
+    def no_errno(fd):
+        raise OSError("write refused")
+
+    monkeypatch.setattr(os, "fsync", no_errno)  # an OSError of one message keeps it as it is
+    with pytest.raises(OSError, match=r"^write refused$"):
+        write_json(target, {"n": 3})
+
+
 def test_write_json_failing_midway_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "metrics.json"
     with pytest.raises(TypeError):

@@ -164,9 +164,10 @@ def test_index_command_refuses_an_empty_corpus(tmp_path):
     (tmp_path / "corpus.jsonl").write_text("\n")
     command = [sys.executable, "-m", "cqr_lightning.index", "retriever=bm25s", f"data.dir={tmp_path}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CQR_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HYDRA_FULL_ERROR", None)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "corpus.jsonl: the corpus holds no passage" in done.stderr
+    assert done.returncode == 2
+    assert "corpus.jsonl: the corpus holds no passage" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "cache").exists()
 
 

@@ -71,6 +71,31 @@ def test_a_damaged_newest_checkpoint_stops_with_both_choices(tmp_path, damage, p
     assert checkpoint_to_resume(cfg(ckpt_path=str(older)), tmp_path) == str(older)  # the first way out
 
 
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"not a checkpoint", "not a complete checkpoint (truncated, or not written by torch.save)"),
+        ("malicious", "holds objects other than tensors and plain values"),
+    ],
+    ids=["text", "pickled-code"],
+)
+def test_a_damaged_checkpoint_is_described_without_torch_s_advice(tmp_path, content, problem):
+    """torch's own messages speak of mmap or suggest weights_only=False (which would run the file's code)."""
+    path = tmp_path / "last.ckpt"
+    if content == "malicious":
+        torch.save({"global_step": 3, "extra": RunsCode()}, path)
+    else:
+        path.write_bytes(content)
+    found = inspect_checkpoint(path)
+    assert found.step is None and problem in found.problem
+    assert "weights_only" not in found.problem and "mmap" not in found.problem
+
+
 def test_a_damaged_only_checkpoint_offers_starting_over(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
