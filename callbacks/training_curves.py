@@ -3,7 +3,10 @@
 Training metrics (the reward or loss, and the KL and copy rate where the stage logs them) are recorded after every
 step, the dev metric after every validation, both at `trainer.global_step`. Validation metrics also go to the log
 (train.log). The plot is drawn at the end of `fit` and again after a validation outside it (the warm-up's final
-one), with a smoothed line over the first training curve. Under DDP the metrics are already reduced over the
+one), with a smoothed line over the first training curve. The raw question's value of the dev metric, which the
+module computes at its first validation on the same turns and search plan (`raw_question_metrics`), is recorded
+once as `val/raw_<metric>` at step 0 (CSV, log, MLflow) and drawn as a horizontal line in the dev metric's panel,
+so the plot shows whether training beats the question. Under DDP the metrics are already reduced over the
 processes, and only the main process writes the files.
 """
 
@@ -19,6 +22,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
 DEFAULT_TRAIN_METRICS = ("train/reward_mean", "train/kl", "train/copy_rate")
+BASELINE_PREFIX = "val/raw_"  # val/raw_mrr_at_3: the raw question's val/mrr_at_3
+
+
+def baseline_name(metric: str) -> str:
+    """The curves-file name of the raw question's value of a validation metric."""
+    return BASELINE_PREFIX + metric.removeprefix("val/")
 
 
 class TrainingCurvesCallback(L.Callback):
@@ -31,6 +40,7 @@ class TrainingCurvesCallback(L.Callback):
         self.dirpath = Path(dirpath)
         self.train_metrics = (train_metrics,) if isinstance(train_metrics, str) else tuple(train_metrics)
         self.val_metric = val_metric
+        self._baseline_recorded = False
 
     @property
     def csv_path(self) -> Path:
@@ -60,8 +70,25 @@ class TrainingCurvesCallback(L.Callback):
             log.info("step %d validation: %s", trainer.global_step, ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         if self.val_metric in shown:
             self._append(trainer.global_step, self.val_metric, shown[self.val_metric])
+        self.record_baseline(trainer, getattr(pl_module, "raw_question_metrics", None) or {})
         if trainer.state.fn == TrainerFn.VALIDATING and trainer.global_step > 0:
             self.plot_and_log(trainer)  # a validation after training: its point belongs in the plot
+
+    def record_baseline(self, trainer: L.Trainer, raw_metrics: dict[str, float]) -> None:
+        """The raw question's value of the dev metric, at step 0, once per run folder (a resumed run has it)."""
+        if self.val_metric not in raw_metrics or self._baseline_recorded:
+            return
+        name = baseline_name(self.val_metric)
+        self._baseline_recorded = self.csv_path.exists() and name in read_curves(self.csv_path)
+        if self._baseline_recorded:
+            return
+        value = raw_metrics[self.val_metric]
+        log.info("raw question validation: %s=%.4f", self.val_metric, value)
+        for logger in trainer.loggers:
+            if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_metric"):
+                logger.experiment.log_metric(logger.run_id, name, value, step=0)
+        self._append(0, name, value)
+        self._baseline_recorded = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.is_global_zero:
@@ -97,13 +124,28 @@ def smoothed(values: Sequence[float], window: int) -> list[float]:
 
 
 def plot_curves(csv_path: Path, figure_path: Path, smooth: str | None = None) -> Path:
-    """One panel per metric, `smooth` first and with a smoothed line once it has 10 points."""
+    import matplotlib.pyplot as plt
+
+    figure = curves_figure(read_curves(csv_path), smooth)
+    figure.savefig(figure_path, dpi=100)
+    plt.close(figure)
+    return figure_path
+
+
+def curves_figure(curves: dict[str, list[tuple[int, float]]], smooth: str | None = None):
+    """One panel per metric, `smooth` first and with a smoothed line once it has 10 points; a raw-question
+    baseline (`val/raw_<metric>`) is a dashed horizontal line in its metric's panel, not a panel of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = read_curves(csv_path)
+    baselines = {}  # metric -> the raw question's value
+    for name, points in curves.items():
+        if name.startswith(BASELINE_PREFIX) and points:
+            baselines["val/" + name.removeprefix(BASELINE_PREFIX)] = points[-1][1]
+    curves = {name: points for name, points in curves.items() if not name.startswith(BASELINE_PREFIX)}
+    curves.update({name: [] for name in baselines if name not in curves})
     curves = dict(sorted(curves.items(), key=lambda item: item[0] != smooth))  # the smoothed curve first
     figure, axes = plt.subplots(1, max(1, len(curves)), figsize=(5 * max(1, len(curves)), 3.5), squeeze=False)
     for axis, (name, points) in zip(axes[0], curves.items(), strict=False):
@@ -112,11 +154,13 @@ def plot_curves(csv_path: Path, figure_path: Path, smooth: str | None = None) ->
         if name == smooth and len(points) >= 10:
             window = max(2, len(points) // 10)
             axis.plot(steps, smoothed(values, window), label=f"mean of {window} steps")
+        if name in baselines:
+            label = f"raw question ({baselines[name]:.3f})"
+            axis.axhline(baselines[name], color="grey", linestyle="--", label=label)
+        if axis.get_legend_handles_labels()[0]:
             axis.legend()
         axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(figure_path, dpi=100)
-    plt.close(figure)
-    return figure_path
+    return figure

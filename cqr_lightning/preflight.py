@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from numbers import Real
+from pathlib import Path
 
 from cqr_lightning.errors import ConfigError, DataError
 from cqr_lightning.holdout import HOLDOUT_SPLITS, holdout_shares
@@ -56,6 +57,10 @@ def corpus_ids(data_cfg) -> frozenset[str]:
 
     if not data_cfg.get("corpus"):
         raise ConfigError("data.corpus is not set: name the JSONL passage collection")
+    if not Path(data_cfg.corpus).is_file():
+        raise DataError(
+            data_cfg.corpus, "corpus file not found: set data.dir=FOLDER (holding corpus.jsonl) or data.corpus"
+        )
     ids = read_corpus_ids(data_cfg.corpus)
     if not ids:
         raise DataError(data_cfg.corpus, "the corpus holds no passage (data.corpus)")

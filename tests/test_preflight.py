@@ -143,6 +143,12 @@ def test_an_empty_corpus_is_an_error(data_dir, tmp_path):
         check_training_inputs(train_cfg(data_dir, tmp_path))
 
 
+def test_a_missing_corpus_names_the_setting_to_change(tmp_path):
+    """A clone not beside the data pack (experiment=pack_smollm2's default folder) learns which key to set."""
+    with pytest.raises(DataError, match=r"missing/corpus.jsonl: corpus file not found: set data\.dir=FOLDER"):
+        check_training_inputs(train_cfg(tmp_path / "missing", tmp_path))
+
+
 def test_rl_on_an_empty_training_split_stops_before_loading_a_model(data_dir, tmp_path):
     """It used to spin forever: Lightning loops over empty epochs until max_steps, which never comes."""
     (data_dir / "train.jsonl").write_text("")

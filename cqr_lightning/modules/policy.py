@@ -48,7 +48,11 @@ def restore_rng_state(state: dict) -> None:
 
 class PolicyModule(L.LightningModule):
     """Holds `policy` (a peft model) and `tokenizer`; validates greedy rewrites with `scorer`, the
-    `RetrievalScorer` that searches them as the training reward does (none: no validation metrics)."""
+    `RetrievalScorer` that searches them as the training reward does (none: no validation metrics).
+
+    The first validation also searches each turn's question as asked, the baseline a rewriter has to beat:
+    `raw_question_metrics` holds its means under the validation keys (`val/mrr_at_3`, ...), for callbacks to
+    record; it is computed once per module, since the question does not change with training."""
 
     def __init__(
         self,
@@ -71,6 +75,8 @@ class PolicyModule(L.LightningModule):
         self.extras: dict = {}  # run-level values stored with checkpoints (MLflow run id, ...)
         self.strict_loading = False  # checkpoints carry only the LoRA weights
         self._val_results: list[dict[str, float]] = []
+        self.raw_question_metrics: dict[str, float] | None = None
+        self._raw_rows: list[dict[str, float]] = []
         self._pending_rng: dict | None = None
 
     def generation_model(self):
@@ -83,6 +89,7 @@ class PolicyModule(L.LightningModule):
     # validation: greedy rewrites scored with the retriever
     def on_validation_epoch_start(self) -> None:
         self._val_results = []
+        self._raw_rows = []
 
     def validation_step(self, batch, batch_idx: int) -> None:
         turns = batch.turns
@@ -100,8 +107,15 @@ class PolicyModule(L.LightningModule):
             if result.metrics:
                 shares = {"format_ok": float(p.format_ok), "copy_rate": float(result.as_asked)}
                 self._val_results.append({**result.metrics, **shares})
+        if self.raw_question_metrics is None:  # the same turns, searched with the question as asked
+            self._raw_rows += [r.metrics for r in self.scorer.evaluate(turns, [None] * len(turns)) if r.metrics]
 
     def on_validation_epoch_end(self) -> None:
+        if self.raw_question_metrics is None:
+            raw_rows = gather_objects(self._raw_rows)
+            if raw_rows:
+                raw = aggregate_metrics({str(i): row for i, row in enumerate(raw_rows)})
+                self.raw_question_metrics = {metric_key(f"val/{name}"): raw[name] for name in METRIC_NAMES}
         rows = gather_objects(self._val_results)  # under DDP each process validated its share of the turns
         if not rows:
             return
