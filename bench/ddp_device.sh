@@ -47,8 +47,9 @@ run() {  # run NAME [key=value ...]: one GRPO run, timed from its curves
 
 started=$(date +%s)
 only=" ${ONLY:-one_gpu ddp_2gpu} "  # ONLY=one_gpu or ONLY=ddp_2gpu runs one of the two (e.g. to share the machine)
-[[ $only == *" one_gpu "* ]] && run one_gpu trainer.devices=1
-[[ $only == *" ddp_2gpu "* ]] && run ddp_2gpu trainer=ddp trainer.devices=2
+read -r -a extra <<<"${EXTRA:-}"  # EXTRA="rl.batch_size=64" adds the same overrides to both runs
+[[ $only == *" one_gpu "* ]] && run one_gpu trainer.devices=1 "${extra[@]}"
+[[ $only == *" ddp_2gpu "* ]] && run ddp_2gpu trainer=ddp trainer.devices=2 "${extra[@]}"
 echo "total $(($(date +%s) - started)) s"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 cp "$runs"/*.log "$OUT"/
