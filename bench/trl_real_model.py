@@ -56,16 +56,6 @@ class StepRecorder(TrainerCallback):
             print(f"TRL step {state.global_step}: reward {logs['reward']:.3f}", flush=True)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from cqr_lightning.config import CONF_DIR, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 def training_turns(cfg: DictConfig, retriever, run_dir: Path) -> list:
     """The turns our GRPO trains on: the training split (held-out conversations already removed by the reader)
     less the turns `skipped_rl_turns` leaves out."""
@@ -120,6 +110,7 @@ def main(overrides: list[str]) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    from cqr_lightning.config import compose_train_config
     from cqr_lightning.grpo.reward_terms import weighted_terms
     from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
     from cqr_lightning.prompts import render_prompt
@@ -129,7 +120,7 @@ def main(overrides: list[str]) -> dict:
     from cqr_lightning.search import SearchPlan
     from cqr_lightning.stages import evaluate_rewriters
 
-    cfg = compose_config(overrides)
+    cfg = compose_train_config(overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import train
 from callbacks.training_curves import read_curves
+from cqr_lightning.config import compose_train_config as compose_train
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.rewriter_card import read_card
 
@@ -48,11 +48,6 @@ def tiny_overrides(data_dir: Path, run_dir: Path, tracking: Path) -> list[str]:
         "warmup.epochs=1",
         "eval.rewriter.max_new_tokens=12",
     ]
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def mlflow_runs(tracking: Path):

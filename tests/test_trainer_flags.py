@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.strategies import DDPStrategy
 
+from cqr_lightning.config import compose_train_config as compose_train
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.stages import make_trainer
 from cqr_lightning.trainer_flags import check_trainer_settings, trainer_flags
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def test_default_group_passes_lightning_flags_and_keeps_the_accelerator_override():
