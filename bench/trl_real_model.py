@@ -111,14 +111,10 @@ def main(overrides: list[str]) -> dict:
     from trl import GRPOTrainer
 
     from cqr_lightning.config import compose_train_config
-    from cqr_lightning.grpo.reward_terms import weighted_terms
     from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
     from cqr_lightning.prompts import render_prompt
-    from cqr_lightning.retrieval.factory import open_retriever
     from cqr_lightning.rewriter_card import rewriter_card
-    from cqr_lightning.scoring import SPEC_REWARD, RetrievalScorer
-    from cqr_lightning.search import SearchPlan
-    from cqr_lightning.stages import evaluate_rewriters
+    from cqr_lightning.stages import evaluate_rewriters, open_stage_retriever, stage_scorer
 
     cfg = compose_train_config(overrides)
     run_dir = Path(cfg.run_dir)
@@ -126,16 +122,9 @@ def main(overrides: list[str]) -> dict:
     torch.manual_seed(int(cfg.seed))
     tokenizer = load_tokenizer(cfg.model)
     policy = load_policy(cfg.model, adapter=cfg.model.get("adapter"), trainable=True)
-    rewards = OmegaConf.to_container(cfg.rl.rewards, resolve=True) if cfg.rl.get("rewards") else list(SPEC_REWARD)
-    with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
+    with open_stage_retriever(cfg) as retriever:  # the retriever and scorer our RL stage builds
         turns = training_turns(cfg, retriever, run_dir)
-        scorer = RetrievalScorer(
-            retriever,
-            SearchPlan.from_config(cfg.get("search")),
-            rewards=weighted_terms(rewards),
-            response_format=cfg.response_format,
-            depth=int(cfg.retriever.get("k", 100)),
-        )
+        scorer = stage_scorer(cfg, retriever, rewards=cfg.rl.get("rewards"))
         prompts = [render_prompt(tokenizer, t, cfg.model.max_prompt_length, False, cfg.response_format) for t in turns]
         dataset = Dataset.from_list([{"prompt": p, "turn_index": i} for i, p in enumerate(prompts)])
 
