@@ -9,12 +9,14 @@
 # the table on holdout_val (where settings are chosen), holdout_test and CAsT dev. The untuned and warm-up rows are
 # evaluated in the first variant only (UNTUNED_ROW=false leaves the untuned row out: it does not depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
 # Expects what bench/pack_experiment_device.sh expects (wheels in /tmp/site, the pack in /tmp/data, the GGUF).
+# COMMON="key=value ..." adds overrides to every run, the warm-ups included (e.g. model.gradient_checkpointing=false).
 # Every run is stopped with SIGTERM (it saves its current step) SECONDS after the start; calling again resumes.
 set -u
 seconds=$1
 shift
 seeds=("$@")
 read -r -a variants <<<"${VARIANTS:-qr_filter:rl.skip_turns_solved_at_rank=1}"
+read -r -a common <<<"${COMMON:-}"
 runs=${RUNS:-/tmp/runs}
 mkdir -p "$runs"
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
@@ -35,7 +37,7 @@ train() {  # train GPU RUN_DIR LOG [key=value ...]: one train.py call, stopped a
   [ "$left" -gt 30 ] || return 1
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$threads timeout --signal=TERM --kill-after=60 "$left" \
     python3 train.py experiment=pack_smollm2 "run_dir=$run_dir" data.dir=/tmp/data logger=none \
-    trainer.accelerator=gpu "$@" >>"$log" 2>&1
+    trainer.accelerator=gpu "${common[@]}" "$@" >>"$log" 2>&1
 }
 
 run_seed() {  # run_seed INDEX SEED: its warm-up, then its variants side by side
@@ -67,5 +69,8 @@ for log in "$runs"/*-seed*.log; do
   grep -E "Error|error:|searched with|raw question|human rewrite|untuned|after " "$log" | tail -16
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.bin' -C "$runs" .
+# results only (weights, checkpoints, run files and MLflow stores stay behind), in parts under the 16 MiB a file
+# may have to come back
+tar czf - --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.bin' --exclude='*.pt' --exclude='*.trec' \
+  --exclude=checkpoints --exclude=mlruns -C "$runs" . | split -b 15M - "$OUT/runs.tgz.part-"
 ls -la "$OUT"
