@@ -88,7 +88,12 @@ def shuffle_buffered(items: Iterable, buffer_size: int, rng: random.Random) -> I
 
 
 class TurnStream(IterableDataset):
-    """An iterable over turns that remembers where it is (epoch, turns consumed)."""
+    """An iterable over turns that remembers where it is (epoch, turns consumed).
+
+    A `resumable` stream (training) starts each pass where the last one stopped, so a pass cut short, or a position
+    loaded from a checkpoint, continues with the next turn. Any other stream (validation, prediction) starts every
+    pass at its first turn: a pass abandoned half-way (Lightning prefetches a batch when it fast-forwards over a
+    validation on resume; a SIGTERM stops validation between batches) must not shorten the next one."""
 
     def __init__(
         self,
@@ -97,8 +102,10 @@ class TurnStream(IterableDataset):
         seed: int = 0,
         limit: int | None = None,
         shard: Shard | None = None,
+        resumable: bool = False,
     ):
         self.make_turns = make_turns
+        self.resumable = resumable
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.limit = limit
@@ -107,6 +114,8 @@ class TurnStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Turn, StreamPosition, int]]:
         """(item, position after it, its index in the epoch); with a shard, the position after its window."""
+        if not self.resumable:
+            self.position = StreamPosition(epoch=0, consumed=0)
         epoch, skip = self.position.epoch, self.position.consumed
         turns = self.make_turns()
         if self.limit is not None:
@@ -217,6 +226,7 @@ class ConversationDataModule(L.LightningDataModule):
             shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 0)),
             seed=int(self.data_cfg.get("seed", 0)),
             limit=self.train_limit,
+            resumable=True,
         )
         self._train_stream.position = self.train_position
         return self._loader(self._train_stream, self.batch_size, training=True)

@@ -105,6 +105,14 @@ def test_val_and_predict_keep_file_order_and_limits(tmp_path):
     assert ids(module.predict_dataloader()) == [f"t{i}" for i in range(6)]
 
 
+def test_a_validation_pass_abandoned_half_way_does_not_shorten_the_next(tmp_path):
+    cfg = write_split(tmp_path)
+    loader = ConversationDataModule(cfg, eval_batch_size=2).val_dataloader()
+    next(iter(loader))  # as Lightning's fast-forward over a validation on resume, or a SIGTERM between batches
+    assert ids(loader) == [f"t{i}" for i in range(5)]
+    assert ids(loader) == [f"t{i}" for i in range(5)]
+
+
 def test_skipped_turns_leave_training_but_not_validation(tmp_path):
     cfg = write_split(tmp_path)
     skip = frozenset({"t0", "t3", "t22"})
