@@ -33,6 +33,7 @@ from callbacks.step_progress import step_progress_bar
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
 from callbacks.training_curves import TrainingCurvesCallback
+from callbacks.validation_on_resume import ValidationOnResume
 from cqr_lightning.builders import build_module, build_sampler
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.distributed import gather_objects, is_main_process, per_rank_batch
@@ -101,6 +102,7 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, logger
             *(step_progress_bar() if flags.get("enable_progress_bar", True) else []),
             StreamPositionCallback(),
             StopOnSigterm(stage_dir / "checkpoints" / LAST_CHECKPOINT),
+            ValidationOnResume(),
             checkpoint,
         ],
         plugins=[AtomicCheckpointIO()],

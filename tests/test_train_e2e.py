@@ -416,3 +416,44 @@ def test_a_kill_after_a_sigterm_resumes_from_the_newest_checkpoint_not_the_sigte
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert steps_logged()[len(before) :] == list(range(newest + 1, 7)), "the rerun continues from the newest step"
     assert (run_dir / "rl" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_stopped_at_a_validation_step_validates_it_in_full_on_resume(fixture_data_dir, tmp_path, monkeypatch):
+    """SIGTERM at the end of step 2, a validation step: Lightning checkpoints before that validation. The rerun
+    validates step 2 before training on, and every later validation still scores every validation turn (a pass
+    abandoned by Lightning's resume must not shorten the next one)."""
+    from cqr_lightning.modules.policy import PolicyModule
+    from cqr_lightning.modules.rl import RLModule
+
+    run_dir = tmp_path / "run"
+    kept = ("rl.max_steps", "rl.val_limit", "rl.val_every_n_steps", "rl.checkpoint_every_n_steps")
+    overrides = [o for o in tiny_overrides(fixture_data_dir, run_dir, tmp_path / "mlflow.db") if not o.startswith(kept)]
+    overrides += ["stage=rl", "rl.max_steps=4", "rl.val_every_n_steps=2", "rl.checkpoint_every_n_steps=100",
+                  "rl.val_limit=4", "rl.val_batch_size=2", "data.val_split=dev"]  # fmt: skip
+    validated, sent = [], []
+    validation_step, training_step = PolicyModule.validation_step, RLModule.training_step
+
+    def counting_validation_step(self, batch, batch_idx):
+        validation_step(self, batch, batch_idx)
+        validated.append((self.global_step, len(batch.turns)))
+
+    def training_step_then_sigterm(self, batch, batch_idx):
+        output = training_step(self, batch, batch_idx)
+        if self.global_step == 2 and not sent:  # the step's optimizer step has run: this is the end of step 2
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return output
+
+    monkeypatch.setattr(PolicyModule, "validation_step", counting_validation_step)
+    monkeypatch.setattr(RLModule, "training_step", training_step_then_sigterm)
+    with pytest.raises(SystemExit):
+        train.run(compose_train(overrides))
+    assert validated == [], "stopped before step 2's validation"
+    assert checkpoint_step(run_dir / "rl" / "checkpoints" / "last.ckpt") == 2
+
+    train.run(compose_train(overrides))
+    turns_per_validation = {step: sum(n for s, n in validated if s == step) for step, _ in validated}
+    assert turns_per_validation == {2: 4, 4: 4}
+    curves = (run_dir / "rl" / "curves.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in curves if ",val/mrr_at_3," in line] == [2, 4]
+    assert [int(line.split(",")[0]) for line in curves if ",train/reward_mean," in line] == [1, 2, 3, 4]
