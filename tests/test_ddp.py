@@ -44,7 +44,7 @@ def test_a_stream_is_shared_out_in_whole_blocks_of_each_window():
 
 
 def test_position_after_a_share_is_the_end_of_its_window_so_resume_skips_whole_global_batches():
-    stream = TurnStream(lambda: iter(range(8)), shard=Shard(1, 2, 2, True))
+    stream = TurnStream(lambda: iter(range(8)), shard=Shard(1, 2, 2, True), resumable=True)  # a training stream
     assert [(index, position.consumed) for _, position, index in stream] == [(2, 4), (3, 4), (6, 8), (7, 8)]
     stream.position = type(stream.position)(0, 4)
     assert [index for _, _, index in stream] == [6, 7]
