@@ -478,4 +478,25 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict]:
     if cfg.pipeline.warmup and cfg.eval.get("warmup_row", True):
         adapters["after warm-up"] = str(warm)
     adapters["after GRPO"] = str(trained)
+    if cfg.eval.get("best_row", False):
+        best = best_validated_adapter(trained.parent)
+        if best is not None:
+            adapters[BEST_ROW] = str(best)
     return evaluate_rewriters(cfg, run_dir, adapters)
+
+
+BEST_ROW = "GRPO, best on validation"
+
+
+def best_validated_adapter(stage_dir: Path) -> Path | None:
+    """The stage's `best_adapter` (the step with the best validation metric, on `data.val_split`), or None with a
+    warning when no validation ran."""
+    record = stage_dir / "best_adapter.json"
+    if not record.is_file():
+        log.warning(
+            "no '%s' row: %s has no best adapter (no validation ran; see rl.val_every_n_steps)", BEST_ROW, stage_dir
+        )
+        return None
+    chosen = json.loads(record.read_text())
+    log.info("'%s' row: the adapter of step %s (%s)", BEST_ROW, chosen.get("step"), chosen)
+    return stage_dir / "best_adapter"

@@ -20,6 +20,7 @@ from callbacks.training_curves import read_curves
 from cqr_lightning.config import compose_train_config as compose_train
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.rewriter_card import read_card
+from cqr_lightning.stages import BEST_ROW, slug
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -457,3 +458,18 @@ def test_a_run_stopped_at_a_validation_step_validates_it_in_full_on_resume(fixtu
     curves = (run_dir / "rl" / "curves.csv").read_text().splitlines()
     assert [int(line.split(",")[0]) for line in curves if ",val/mrr_at_3," in line] == [2, 4]
     assert [int(line.split(",")[0]) for line in curves if ",train/reward_mean," in line] == [1, 2, 3, 4]
+
+
+def test_the_best_row_evaluates_the_adapter_of_the_best_validated_step(fixture_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(fixture_data_dir, run_dir, tmp_path / "mlflow.db"), "pipeline.warmup=false"]
+    overrides = [o for o in overrides if not o.startswith("rl.val_every_n_steps")]
+    tables = train.run(
+        compose_train([*overrides, "rl.val_every_n_steps=1", "eval.untuned_row=false", "eval.best_row=true"])
+    )
+    assert list(tables["dev"]) == ["raw question", "human rewrite", "after GRPO", BEST_ROW]
+    best_step = json.loads((run_dir / "rl" / "best_adapter.json").read_text())["step"]
+    curve = dict(read_curves(run_dir / "rl" / "curves.csv")["val/mrr_at_3"])
+    assert curve[best_step] == max(curve.values())
+    evaluated = (run_dir / "eval" / "dev" / slug(BEST_ROW) / "config.yaml").read_text()
+    assert f"adapter: {run_dir / 'rl' / 'best_adapter'}" in evaluated
