@@ -7,17 +7,21 @@ run rather than from the group (the policy, its tokenizer, the scorer, the seed,
 format) are passed here, so the group cannot set them. A key that is none of these stops with a ConfigError
 naming it, before any model loads (cqr_lightning/preflight.py). The warm-up's self-distillation sampler takes its
 own `warmup` keys (`SAMPLER_KEYS`).
+
+A stage's LightningDataModule is built the same way from the group's `datamodule` entry (and the warm-up's sampling
+one from `warmup.sampling_datamodule`): its keys are constructor arguments, and the stage passes what it reads
+from its recipe and the run (`DATA_RUN_ARGUMENTS`): the `data` config, batch sizes, limits, the turns to skip.
 """
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.targets import build_entry, check_entry, constructor_arguments
 
 # keys of a stage group that the stage's recipe (stages.py) reads; every other key is a constructor argument
 RECIPE_KEYS = {
@@ -30,6 +34,7 @@ RECIPE_KEYS = {
         "val_every_n_steps",
         "checkpoint_every_n_steps",
         "table_every_n_steps",
+        "datamodule",
     ),
     "warmup": (
         "num_samples",
@@ -50,6 +55,8 @@ RECIPE_KEYS = {
         "val_every_n_steps",
         "validate_before",
         "checkpoint_every_n_steps",
+        "sampling_datamodule",
+        "datamodule",
     ),
 }
 # warm-up keys that are arguments of the self-distillation sampler (cqr_lightning/distill.py), not of the module
@@ -76,19 +83,6 @@ def module_class(group: str, group_cfg: DictConfig) -> type:
         return get_class(str(target))
     except Exception as error:  # hydra wraps import errors in its own types
         raise ConfigError(f"{group}._target_={target} cannot be imported: {error}") from error
-
-
-def constructor_arguments(cls: type) -> set[str]:
-    """The keyword arguments `cls` takes, following `**kwargs` up to its base classes' constructors."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(klass.__init__).parameters.values()
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            break
-    return names
 
 
 def check_module_settings(cfg: DictConfig, group: str) -> None:
@@ -145,3 +139,27 @@ def build_sampler(cfg: DictConfig, policy, tokenizer):
         seed=int(cfg.seed),
         **{key: cfg.warmup[key] for key in SAMPLER_KEYS},
     )
+
+
+# data module arguments the stage passes, and the setting a user changes instead
+DATA_RUN_ARGUMENTS = {
+    "data_cfg": "the data group (data=..., data.<key>=...)",
+    "distilled_path": "the warm-up's distilled file (<run_dir>/warmup/distilled.jsonl)",
+    "batch_size": "the stage's batch_size",
+    "eval_batch_size": "the stage's val_batch_size (warmup.sampling_batch_size when sampling)",
+    "train_limit": "warmup.sample_limit",
+    "val_limit": "the stage's val_limit",
+    "skip_train_ids": "rl.skip_turns_solved_at_rank and search.first_turn_as_asked",
+}
+DATAMODULE_KEYS = {"rl": ("datamodule",), "warmup": ("sampling_datamodule", "datamodule")}
+
+
+def check_datamodule_settings(cfg: DictConfig, group: str) -> None:
+    """ConfigError naming the first key of the group's data module entries that their `_target_` does not take."""
+    for key in DATAMODULE_KEYS.get(group, ()):
+        check_entry(f"{group}.{key}", cfg[group].get(key), DATA_RUN_ARGUMENTS)
+
+
+def build_datamodule(cfg: DictConfig, group: str, key: str = "datamodule", **run_arguments):
+    """The data module of `<group>.<key>`, given `cfg.data` and the stage's `run_arguments` (those it takes)."""
+    return build_entry(f"{group}.{key}", cfg[group].get(key), DATA_RUN_ARGUMENTS, data_cfg=cfg.data, **run_arguments)

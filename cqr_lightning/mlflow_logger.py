@@ -54,3 +54,32 @@ class StepAlignedMLFlowLogger(MLFlowLogger):
 def logged_steps(client, run_id: str) -> dict[str, int]:
     keys = client.get_run(run_id).data.metrics
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def open_mlflow_logger(
+    experiment_name: str,
+    tracking_uri: str,
+    artifact_location: str | None = None,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: dict | None = None,
+) -> StepAlignedMLFlowLogger:
+    """A StepAlignedMLFlowLogger in `experiment_name`, created first when new, with its artifacts at
+    `artifact_location` (a local path is made absolute); a local sqlite store's folder is created
+    (cqr_lightning/tracking.py). `conf/logger/mlflow.yaml` names it with `_target_`."""
+    from omegaconf import OmegaConf
+
+    from cqr_lightning import tracking
+
+    settings = OmegaConf.create(
+        {"experiment_name": experiment_name, "tracking_uri": tracking_uri, "artifact_location": artifact_location}
+    )
+    tracking.ensure_experiment(settings)
+    return StepAlignedMLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name,
+        tracking_uri=tracking.tracking_uri(settings),
+        artifact_location=tracking.artifact_location(settings),
+        run_id=run_id,
+        tags=tags,
+    )

@@ -28,8 +28,9 @@ POSITIVE_SETTINGS = {
 
 def check_settings(cfg, groups: Iterable[str]) -> None:
     """ConfigError naming the first setting of `groups` that cannot work (a size or rate <= 0, G < 2), or that a
-    stage group does not have (cqr_lightning/builders.py)."""
-    from cqr_lightning.builders import RECIPE_KEYS, check_module_settings
+    stage group, its data modules or its callbacks do not take (cqr_lightning/builders.py, observers.py)."""
+    from cqr_lightning.builders import RECIPE_KEYS, check_datamodule_settings, check_module_settings
+    from cqr_lightning.observers import check_callback_settings
 
     for group in groups:
         section = cfg.get(group) or {}
@@ -49,6 +50,8 @@ def check_settings(cfg, groups: Iterable[str]) -> None:
             )
         if group in RECIPE_KEYS:
             check_module_settings(cfg, group)
+            check_datamodule_settings(cfg, group)
+            check_callback_settings(cfg, group)
 
 
 def corpus_ids(data_cfg) -> frozenset[str]:
@@ -121,10 +124,13 @@ def training_groups(cfg) -> list[str]:
 
 
 def check_training_inputs(cfg) -> None:
-    """Pre-flight of `train.py`: the stage's and the Trainer's settings, the corpus and every split it will read."""
+    """Pre-flight of `train.py`: the stage's, the Trainer's and the logger's settings, the corpus and every split it
+    will read."""
+    from cqr_lightning.observers import check_logger_settings
     from cqr_lightning.trainer_flags import check_trainer_settings
 
     check_trainer_settings(cfg)
+    check_logger_settings(cfg)
     check_inputs(cfg, training_splits(cfg), training_groups(cfg))
 
 

@@ -26,49 +26,22 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.best_adapter import BestAdapterCallback
-from callbacks.mlflow_steps import MLflowStepsCallback
-from callbacks.rollout_table import RolloutTableCallback
 from callbacks.step_progress import step_progress_bar
 from callbacks.stop_on_sigterm import StopOnSigterm
 from callbacks.stream_position import StreamPositionCallback
-from callbacks.training_curves import TrainingCurvesCallback
 from callbacks.validation_on_resume import ValidationOnResume
-from cqr_lightning.builders import build_module, build_sampler
+from cqr_lightning.builders import build_datamodule, build_module, build_sampler
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.distributed import gather_objects, is_main_process, per_rank_batch
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.io_utils import write_json, write_jsonl
+from cqr_lightning.observers import build_callbacks, build_logger
 from cqr_lightning.preflight import check_training_inputs, evaluation_splits
 from cqr_lightning.rewriter_card import rewriter_card
 from cqr_lightning.trainer_flags import trainer_flags
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
-
-
-def make_logger(cfg: DictConfig, stage: str, run_dir: Path, run_id: str | None = None):
-    """An MLflow logger for one stage (None when logging is off): a run tagged with the stage and run folder, nested
-    under the pipeline's parent run (cqr_lightning/mlflow_runs.py); params are the resolved config."""
-    if not cfg.logger.enabled:
-        return None
-    from cqr_lightning.mlflow_logger import StepAlignedMLFlowLogger
-    from cqr_lightning.mlflow_runs import note_run, stage_tags
-    from cqr_lightning.tracking import artifact_location, ensure_experiment, flatten_params, tracking_uri
-
-    ensure_experiment(cfg.logger)
-    logger = StepAlignedMLFlowLogger(
-        experiment_name=cfg.logger.experiment_name,
-        run_name=cfg.logger.get("run_name") or f"{stage}-{run_dir.name}",
-        tracking_uri=tracking_uri(cfg.logger),
-        artifact_location=artifact_location(cfg.logger),
-        run_id=run_id,
-        tags=None if run_id else stage_tags(cfg, run_dir, stage),
-    )
-    if run_id is None:
-        logger.log_hyperparams(flatten_params(cfg))
-    note_run(cfg, logger.run_id, resumed=run_id is not None)
-    return logger
 
 
 def checkpoint_to_resume(cfg: DictConfig, stage_dir: Path) -> str | None:
@@ -180,7 +153,7 @@ def start_stage(cfg: DictConfig, run_dir: Path, name: str) -> StageStart | None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_to_resume(cfg, stage_dir)
     run_id = read_checkpoint_extras(ckpt).get("mlflow_run_id") if ckpt else None
-    logger = make_logger(cfg, name, run_dir, run_id) if is_main_process() else None  # DDP: the main process logs
+    logger = build_logger(cfg, name, run_dir, run_id) if is_main_process() else None  # DDP: the main process logs
     return StageStart(stage_dir, ckpt, logger)
 
 
@@ -193,8 +166,6 @@ def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, t
     Under DDP each process samples its share of the turns (`trainer`'s predict loop); the main process gathers
     them in file order, filters and writes the files while the others wait, so the file is the one a single
     process writes (sampling is seeded per batch, cqr_lightning/distributed.py)."""
-    from data_modules.conversations import ConversationDataModule
-
     w = cfg.warmup
     distilled_path = stage_dir / "distilled.jsonl"
     if distilled_path.exists() and w.reuse_distilled:
@@ -203,7 +174,9 @@ def self_distill(cfg: DictConfig, stage_dir: Path, trainer: L.Trainer, policy, t
             return distilled_path
         log.warning("%s is empty (left by an earlier run that kept nothing): sampling again", distilled_path)
     sampler = build_sampler(cfg, policy, tokenizer)
-    datamodule = ConversationDataModule(cfg.data, eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit)
+    datamodule = build_datamodule(
+        cfg, "warmup", "sampling_datamodule", eval_batch_size=w.sampling_batch_size, train_limit=w.sample_limit
+    )
     batches = trainer.predict(sampler, datamodule=datamodule)
     indexed = gather_objects([pair for batch in batches for pair in batch])
     if trainer.is_global_zero:
@@ -242,7 +215,6 @@ def count_lines(path: Path) -> int:
 
 def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     from cqr_lightning.models.loading import load_tokenizer
-    from data_modules.distilled import DistilledDataModule
 
     check_training_inputs(cfg)  # settings, corpus and splits, before any model loads (cqr_lightning/preflight.py)
     stage = start_stage(cfg, run_dir, "warmup")
@@ -284,19 +256,21 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
             cfg, "warmup", policy, tokenizer, scorer, warmup_steps=warmup_steps, total_steps=total_steps
         )
         remember_run(module, logger)
-        datamodule = DistilledDataModule(
-            distilled, cfg.data, batch_size=batch_size, eval_batch_size=w.val_batch_size, val_limit=w.val_limit
+        datamodule = build_datamodule(
+            cfg,
+            "warmup",
+            distilled_path=distilled,
+            batch_size=batch_size,
+            eval_batch_size=w.val_batch_size,
+            val_limit=w.val_limit,
         )
+        card = rewriter_card(cfg, w.max_new_tokens)
         trainer = make_trainer(
             cfg,
             w,
             stage_dir,
             logger,
-            [
-                TrainingCurvesCallback(str(stage_dir), "train/loss"),
-                MLflowStepsCallback(),
-                BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens)),
-            ],
+            build_callbacks(cfg, "warmup", dirpath=str(stage_dir), tokenizer=tokenizer, card=card),
             max_steps=total_steps,
             gradient_clip_val=w.gradient_clip_val,
             accumulate_grad_batches=w.accumulate_grad_batches,
@@ -312,7 +286,7 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
     from cqr_lightning.models.loading import save_adapter
 
     if trainer.is_global_zero:
-        save_adapter(policy, final_adapter(stage_dir), tokenizer=tokenizer, card=rewriter_card(cfg, w.max_new_tokens))
+        save_adapter(policy, final_adapter(stage_dir), tokenizer=tokenizer, card=card)
         log_artifacts(logger, final_adapter(stage_dir), stage_dir / "best_adapter")
     trainer.strategy.barrier("warm-up adapter written")  # the RL stage of every process reads it
     return final_adapter(stage_dir)
@@ -324,7 +298,6 @@ def run_warmup(cfg: DictConfig, run_dir: Path) -> Path:
 def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
     from cqr_lightning.models.loading import load_adapter, load_tokenizer, save_adapter
     from cqr_lightning.modules.rl import REFERENCE_ADAPTER
-    from data_modules.conversations import ConversationDataModule
 
     check_training_inputs(cfg)
     stage = start_stage(cfg, run_dir, "rl")
@@ -339,12 +312,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         r,
         stage_dir,
         logger,
-        [
-            RolloutTableCallback(r.table_every_n_steps),
-            TrainingCurvesCallback(str(stage_dir)),
-            MLflowStepsCallback(),
-            BestAdapterCallback(str(stage_dir), tokenizer=tokenizer, card=card),
-        ],
+        build_callbacks(cfg, "rl", dirpath=str(stage_dir), tokenizer=tokenizer, card=card),
         max_steps=r.max_steps,
     )
     batch_size = per_rank_batch(r.batch_size, trainer.world_size, "rl.batch_size")
@@ -356,8 +324,9 @@ def run_rl(cfg: DictConfig, run_dir: Path, adapter: str | None) -> Path:
         scorer = stage_scorer(cfg, retriever, rewards=r.rewards)
         module = build_module(cfg, "rl", policy, tokenizer, scorer)
         remember_run(module, logger)
-        datamodule = ConversationDataModule(
-            cfg.data,
+        datamodule = build_datamodule(
+            cfg,
+            "rl",
             batch_size=batch_size,
             eval_batch_size=r.val_batch_size,
             val_limit=r.val_limit,

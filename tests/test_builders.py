@@ -1,22 +1,43 @@
-"""The stage modules are built from their config groups: a key is a constructor argument, an unknown key is named."""
+"""The stage modules, their data modules, callbacks and logger are built from config entries naming a `_target_`:
+a key is a constructor argument, an unknown key is named."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 from test_train_e2e import compose_train, tiny_overrides
 
+import train
+from callbacks.best_adapter import BestAdapterCallback
+from callbacks.mlflow_steps import MLflowStepsCallback
+from callbacks.rollout_table import RolloutTableCallback
+from callbacks.training_curves import TrainingCurvesCallback
 from cqr_lightning import builders
-from cqr_lightning.builders import build_module, build_sampler, check_module_settings
+from cqr_lightning.builders import (
+    build_datamodule,
+    build_module,
+    build_sampler,
+    check_datamodule_settings,
+    check_module_settings,
+)
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import response_prefix
 from cqr_lightning.modules.rl import RLModule
 from cqr_lightning.modules.warmup import WarmupModule
+from cqr_lightning.observers import (
+    build_callbacks,
+    build_logger,
+    check_callback_settings,
+    check_logger_settings,
+)
 from cqr_lightning.preflight import check_training_inputs
+from data_modules.conversations import ConversationDataModule
+from data_modules.distilled import DistilledDataModule
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +99,26 @@ def test_a_target_subclass_is_built_with_the_same_settings(fixture_data_dir, tmp
         ("+rl.seed=3", r"rl.seed is set by the run, not by the rl group: use seed"),
         ("+warmup.total_steps=5", r"warmup.total_steps is set by the run, not by the warmup group: use warmup.epochs"),
         ("rl._target_=cqr_lightning.modules.rl.Missing", r"rl._target_=cqr_lightning.modules.rl.Missing cannot be"),
+        (
+            "+logger.tracking_urii=x",
+            r"logger.tracking_urii is not a setting: .*open_mlflow_logger \(logger._target_\); "
+            r"valid keys: .*tracking_uri",
+        ),
+        ("+logger.run_id=abc", r"logger.run_id is set by the run, not by the config: use resume or ckpt_path"),
+        (
+            "+callbacks.rl.rollout_table.every_n_step=2",
+            r"callbacks.rl.rollout_table.every_n_step is not a setting: "
+            r".*RolloutTableCallback \(callbacks.rl.rollout_table._target_\); valid keys: every_n_steps$",
+        ),
+        ("+callbacks.warmup.best_adapter.dirpath=x", r"callbacks.warmup.best_adapter.dirpath is set by the run"),
+        ("+callbacks.rl.mine._target_=nowhere.Mine", r"callbacks.rl.mine._target_=nowhere.Mine cannot be imported"),
+        (
+            "+rl.datamodule.shuffle=true",
+            r"rl.datamodule.shuffle is not a setting: .*ConversationDataModule "
+            r"\(rl.datamodule._target_\); valid keys: check_positives$",
+        ),
+        ("+warmup.datamodule.batch_size=3", r"warmup.datamodule.batch_size is set by the run.*the stage's batch_size"),
+        ("+warmup.sampling_datamodule.limit=3", r"warmup.sampling_datamodule.limit is not a setting"),
     ],
 )
 def test_a_key_the_module_does_not_take_stops_before_a_model_loads(fixture_data_dir, tmp_path, override, message):
@@ -89,8 +130,11 @@ def test_every_key_of_the_shipped_stage_configs_is_a_setting(fixture_data_dir, t
     for experiment in (None, "paper", "pack_smollm2"):
         extra = [f"experiment={experiment}"] if experiment else []
         cfg = train_cfg(fixture_data_dir, tmp_path, *extra)
+        check_logger_settings(cfg)
         for group in builders.RECIPE_KEYS:
             check_module_settings(cfg, group)
+            check_datamodule_settings(cfg, group)
+            check_callback_settings(cfg, group)
 
 
 def test_the_grpo_step_benchmark_builds_its_module_through_the_shared_builder(
@@ -116,3 +160,70 @@ def test_the_grpo_step_benchmark_builds_its_module_through_the_shared_builder(
     assert module.optimizer_settings["lr"] == 1e-5 and module.warmup_steps == 0 and module.entropy_coef == 0.0
     assert module.max_prompt_length == 512 and module.response_format == "think_rewrite"
     assert data_cfg.train_split == "dev"
+
+
+class StepProbe(L.Callback):
+    """A user's own callback: notes each training step in `<stage folder>/<label>.txt`."""
+
+    def __init__(self, dirpath: str, label: str = "probe"):
+        self.path = Path(dirpath) / f"{label}.txt"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with self.path.open("a") as handle:
+            handle.write(f"{trainer.global_step}\n")
+
+
+class PlainDataModule(ConversationDataModule):
+    """A user's own data module, taking one more setting."""
+
+    def __init__(self, data_cfg, note: str = "", **kwargs):
+        super().__init__(data_cfg, **kwargs)
+        self.note = note
+
+
+@pytest.mark.slow
+def test_a_callback_added_on_the_command_line_is_built_and_called_during_a_run(fixture_data_dir, tmp_path):
+    probe = ("+callbacks.rl.probe._target_=test_builders.StepProbe", "+callbacks.rl.probe.label=steps")
+    cfg = train_cfg(fixture_data_dir, tmp_path, "stage=rl", "rl.max_steps=2", "logger=none", *probe)
+    train.run(cfg)
+    assert (tmp_path / "run" / "rl" / "steps.txt").read_text().split() == ["1", "2"]
+
+
+def test_the_shipped_callbacks_are_built_with_the_run_arguments(fixture_data_dir, tmp_path):
+    cfg = train_cfg(fixture_data_dir, tmp_path, "rl.table_every_n_steps=3", "callbacks.rl.training_curves=null")
+    card = {"response_format": "rewrite_only"}
+    rollout, steps, best = build_callbacks(cfg, "rl", dirpath=str(tmp_path), tokenizer="tokenizer", card=card)
+    assert (
+        type(steps) is MLflowStepsCallback and type(rollout) is RolloutTableCallback and rollout.every_n_steps == 3
+    )  # ${rl.table_every_n_steps}
+    assert type(best) is BestAdapterCallback and best.dirpath == tmp_path and best.card is card
+    assert best.tokenizer == "tokenizer"
+    curves = build_callbacks(cfg, "warmup", dirpath=str(tmp_path), tokenizer=None, card=card)[0]
+    assert type(curves) is TrainingCurvesCallback and curves.train_metrics == ("train/loss",)
+    assert build_callbacks(train_cfg(fixture_data_dir, tmp_path, "callbacks=none"), "rl", dirpath="x") == []
+
+
+def test_a_data_module_is_built_from_its_target_with_the_stage_arguments(fixture_data_dir, tmp_path):
+    cfg = train_cfg(fixture_data_dir, tmp_path)
+    rl = build_datamodule(cfg, "rl", batch_size=3, eval_batch_size=2, val_limit=1, skip_train_ids=frozenset({"a"}))
+    assert type(rl) is ConversationDataModule and rl.data_cfg is cfg.data
+    assert (rl.batch_size, rl.skip_train_ids) == (3, frozenset({"a"}))
+    warm = build_datamodule(cfg, "warmup", distilled_path=tmp_path / "d.jsonl", batch_size=2)
+    assert type(warm) is DistilledDataModule and warm.distilled_path == tmp_path / "d.jsonl"
+    own = ("rl.datamodule._target_=test_builders.PlainDataModule", "+rl.datamodule.note=mine")
+    module = build_datamodule(train_cfg(fixture_data_dir, tmp_path, *own), "rl", batch_size=5)
+    assert type(module) is PlainDataModule and module.note == "mine" and module.batch_size == 5
+
+
+def test_the_logger_is_built_from_its_target_with_the_run_name_and_tags(fixture_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert build_logger(train_cfg(fixture_data_dir, tmp_path, "logger=none"), "rl", run_dir) is None
+    logger = build_logger(train_cfg(fixture_data_dir, tmp_path), "rl", run_dir)
+    run = logger.experiment.get_run(logger.run_id)
+    assert run.info.run_name == "rl-run" and run.data.tags["stage"] == "rl"
+    assert run.data.params["rl.group_size"] == "2"
+    named = build_logger(train_cfg(fixture_data_dir, tmp_path, "logger.run_name=mine"), "rl", run_dir)
+    assert named.experiment.get_run(named.run_id).info.run_name == "mine"
+    resumed = build_logger(train_cfg(fixture_data_dir, tmp_path), "rl", run_dir, run_id=logger.run_id)
+    assert resumed.run_id == logger.run_id
