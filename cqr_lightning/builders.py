@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.errors import ConfigError
-from cqr_lightning.targets import build_entry, check_entry, constructor_arguments
+from cqr_lightning.targets import build_entry, check_entry, constructor_arguments, target_of
 
 # keys of a stage group that the stage's recipe (stages.py) reads; every other key is a constructor argument
 RECIPE_KEYS = {
@@ -76,13 +76,7 @@ STAGE_ARGUMENTS = {"warmup": {"warmup_steps": "warmup.warmup_ratio", "total_step
 
 def module_class(group: str, group_cfg: DictConfig) -> type:
     """The class named by the group's `_target_`; ConfigError when it is missing or cannot be imported."""
-    target = group_cfg.get("_target_")
-    if not target:
-        raise ConfigError(f"{group}._target_ is not set: name the LightningModule to build (conf/{group}/default.yaml)")
-    try:
-        return get_class(str(target))
-    except Exception as error:  # hydra wraps import errors in its own types
-        raise ConfigError(f"{group}._target_={target} cannot be imported: {error}") from error
+    return target_of(group, group_cfg, f"the LightningModule to build (conf/{group}/default.yaml)")
 
 
 def check_module_settings(cfg: DictConfig, group: str) -> None:

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from cqr_lightning.errors import ConfigError
 
 
-def target_of(where: str, entry) -> Callable:
-    """What `entry._target_` names; ConfigError when it is missing or cannot be imported."""
+def target_of(where: str, entry, what: str = "the class to build") -> Callable:
+    """What `entry._target_` names; ConfigError when it is missing (asking for `what`) or cannot be imported."""
     target = entry.get("_target_") if entry is not None else None
     if not target:
-        raise ConfigError(f"{where}._target_ is not set: name the class to build")
+        raise ConfigError(f"{where}._target_ is not set: name {what}")
     try:
         return get_object(str(target))
     except Exception as error:  # hydra wraps import errors in its own types
