@@ -42,6 +42,7 @@ def test_bad_reward_settings_name_the_setting():
     with pytest.raises(ConfigError, match="finite number"):
         weighted_terms([{"name": "format", "weight": float("nan")}])
     names = {"rank_incentive", "mrr@3", "ndcg@3", "recall@10", "recall@100", "format", "below_question"}
+    names |= {"needless_rewrite"}
     assert set(REWARD_TERMS) == names
 
 
@@ -85,11 +86,27 @@ def test_below_question_costs_only_what_the_rewrite_loses_against_the_question()
     assert values == pytest.approx([-(2 / 9), 0.0, -(2 - 1 / 9), 0.0, None])
 
 
+def test_needless_rewrite_costs_a_rewrite_that_does_not_beat_the_question_and_never_a_copy():
+    from cqr_lightning.grpo.reward_terms import needless_rewrite_term
+
+    turn = Turn(id="t", history=(), question="When did it open?", positives=("p",))
+    rewrites = ["when did it open", "When did the Tokyo Tower open?", "When did the Tokyo Tower open?",
+                "When did the Tokyo Tower open?", "When did the tower open?", "When did it open?", None]  # fmt: skip
+    ranks = [4, 1, 1, 3, None, 7, None]
+    ok = [True, True, True, True, True, True, False]
+    question_ranks = [4, 2, 1, 2, None, 1, 1]
+    values = needless_rewrite_term(rewrites, ranks, ok, [turn] * 7, question_ranks=question_ranks)
+    # a copy (case and punctuation aside) is free even below rank 1; a gain is free; a tie at rank 1, a loss and
+    # a miss where the question missed too each cost 1; a copy that somehow ranks worse is still a copy; malformed
+    assert values == [0.0, 0.0, -1.0, -1.0, -1.0, 0.0, None]
+
+
 def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, data_cfg):
     from cqr_lightning.readers import read_jsonl_turns
 
     turns = list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))
-    terms = weighted_terms([*SPEC_REWARD, {"name": "below_question", "weight": 1.0}])
+    relative = [{"name": "below_question", "weight": 1.0}, {"name": "needless_rewrite", "weight": 0.25}]
+    terms = weighted_terms([*SPEC_REWARD, *relative])
     with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as retriever:
         scorer = RetrievalScorer(retriever, rewards=terms, response_format="rewrite_only")
         asked = retriever.best_gold_ranks([t.question for t in turns], [t.positives for t in turns])
@@ -99,5 +116,12 @@ def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, dat
         spec_only = RetrievalScorer(retriever, response_format="rewrite_only")
         spec_only.score(turns, responses)
     assert batch.terms["below_question"] == [0.0] * len(turns)
+    assert batch.terms["needless_rewrite"] == [0.0] * len(turns)
+    with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as retriever:
+        scorer = RetrievalScorer(retriever, rewards=terms, response_format="rewrite_only")
+        off_topic = scorer.score(turns, ["<rewrite> a completely unrelated zebra query </rewrite>"] * len(turns))
+    gained = [r is not None and r < 100 and (q is None or r < q) for r, q in zip(off_topic.ranks, asked, strict=True)]
+    assert not all(gained)
+    assert off_topic.terms["needless_rewrite"] == [0.0 if g else -1.0 for g in gained]
     assert spec_only._question_ranks == {}, "no term names question_ranks: the questions are not searched"
     assert batch.rewards == pytest.approx([rank_incentive_reward(r, True) for r in asked])

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.formatting import is_copy
 from cqr_lightning.grpo.rewards import FORMAT_FAILURE_REWARD, REWARD_FUNCTIONS, RewardFunction, rank_incentive_reward
 
 RewardTerm = Callable[..., list[float | None]]  # (rewrites, ranks, format_ok, turns, **context)
@@ -55,9 +56,28 @@ def below_question_term(rewrites, ranks, format_ok, turns, question_ranks, **con
     ]
 
 
+def needless_rewrite_term(rewrites, ranks, format_ok, turns, question_ranks, **context) -> list[float | None]:
+    """-1 for a well-formed rewrite that changes the question without ranking a gold passage higher than the
+    question searched as asked did (same rank-incentive value or less), 0 for a copy of the question or a rewrite
+    that gains. On a turn the question already solves, every sample may tie at rank 1 and the group's advantages
+    are zero; with this term the copies win those ties, so the policy learns to leave self-contained questions
+    alone while rewrites that help stay free."""
+    values: list[float | None] = []
+    for rewrite, rank, ok, turn, question_rank in zip(rewrites, ranks, format_ok, turns, question_ranks, strict=True):
+        if not ok:
+            values.append(None)
+        elif is_copy(rewrite, turn.question):
+            values.append(0.0)
+        else:
+            gains = rank_incentive_reward(rank, True) > rank_incentive_reward(question_rank, True)
+            values.append(0.0 if gains else -1.0)
+    return values
+
+
 REWARD_TERMS: dict[str, RewardTerm] = {name: rank_term(fn) for name, fn in REWARD_FUNCTIONS.items()}
 REWARD_TERMS["format"] = format_term
 REWARD_TERMS["below_question"] = below_question_term
+REWARD_TERMS["needless_rewrite"] = needless_rewrite_term
 
 
 @dataclass(frozen=True)
