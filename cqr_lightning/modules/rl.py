@@ -178,11 +178,13 @@ class RLModule(PolicyModule):
 
     @contextmanager
     def timed(self, name: str):
-        """Wall time of one phase of the step (GPU work included), logged as time/<name>."""
+        """Wall time of one phase of the step (GPU work included), logged as time/<name>; a profiler sees the
+        phase as the range `phase/<name>` (bench/profile_step.py)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        yield
+        with torch.profiler.record_function(f"phase/{name}"):
+            yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
