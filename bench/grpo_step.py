@@ -143,6 +143,17 @@ def qwen_model_config(args):
     return model_cfg
 
 
+def bench_model_config(args, tiny_cpu: bool = False):
+    """The workload's model config: the random Qwen2.5-3B-shaped checkpoint, or with `tiny_cpu` the tiny test model
+    on the CPU (conf/model/tiny.yaml, a dry run of a benchmark script)."""
+    if not tiny_cpu:
+        return qwen_model_config(args)
+    model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "tiny.yaml")
+    model_cfg.max_prompt_length = args.max_prompt
+    model_cfg.device = "cpu"
+    return model_cfg
+
+
 def workload_config(args, model_cfg):
     """The training config (conf/train.yaml) with the workload's settings; the rest as RLModule's own defaults were
     when this benchmark was first measured (think_rewrite prompts, no learning-rate warm-up)."""

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from grpo_step import add_our_options, build_module, qwen_model_config, workload_parser
-from omegaconf import OmegaConf
+from grpo_step import add_our_options, bench_model_config, build_module, workload_parser
 
 GIB = 2**30
 
@@ -172,12 +171,7 @@ def main() -> None:
     from cqr_lightning.modules.rl import RLModule
     from data_modules.conversations import ConversationDataModule
 
-    if args.tiny_cpu:
-        model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "tiny.yaml")
-        model_cfg.max_prompt_length = args.max_prompt
-        model_cfg.device = "cpu"
-    else:
-        model_cfg = qwen_model_config(args)
+    model_cfg = bench_model_config(args, args.tiny_cpu)
     module, data_cfg = build_module(args, model_cfg, phase_peaks_module(RLModule))
     timings = Schedule(schedule)
     trainer = L.Trainer(

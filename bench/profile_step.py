@@ -21,8 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from grpo_step import add_our_options, build_module, qwen_model_config, workload_parser
-from omegaconf import OmegaConf
+from grpo_step import add_our_options, bench_model_config, build_module, workload_parser
 from torch.profiler import ProfilerActivity, profile
 
 PHASE_PREFIX = "phase/"
@@ -88,13 +87,13 @@ class ProfileOneStep(L.Callback):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.profiler = profile(activities=self.activities)
-            self.profiler.__enter__()
+            self.profiler.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.batches == self.step:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.profiler.__exit__(None, None, None)
+            self.profiler.stop()
         self.batches += 1
 
 
@@ -108,12 +107,7 @@ def main() -> None:
     from cqr_lightning.modules.rl import RLModule
     from data_modules.conversations import ConversationDataModule
 
-    if args.tiny_cpu:
-        model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "tiny.yaml")
-        model_cfg.max_prompt_length = args.max_prompt
-        model_cfg.device = "cpu"
-    else:
-        model_cfg = qwen_model_config(args)
+    model_cfg = bench_model_config(args, args.tiny_cpu)
     module, data_cfg = build_module(args, model_cfg, RLModule)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     profiled = ProfileOneStep(step=1, activities=activities)  # step 0 warms up and compiles
