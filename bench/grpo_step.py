@@ -129,6 +129,9 @@ def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Settings of our module only (bench/trl_grpo_step.py has no counterpart)."""
     parser.add_argument("--fast", action="store_true", help="sample from the merged bf16 copy (fast_sampling)")
     parser.add_argument("--static", action="store_true", help="static KV cache, compiled decoding (static_decoding)")
+    parser.add_argument(
+        "--static-bucket", type=int, default=None, help="with --static: rl.static_prompt_bucket (none: --max-prompt)"
+    )
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     parser.add_argument("--entropy-coef", type=float, default=0.0, help="rl.entropy_coef (0: no entropy pass)")
     parser.add_argument("--logprob-chunk-size", type=int, default=None, help="rl.logprob_chunk_size (none: off)")
@@ -171,6 +174,7 @@ def workload_config(args, model_cfg):
             f"rl.entropy_coef={args.entropy_coef}",
             f"rl.fast_sampling={args.fast}",
             f"rl.static_decoding={args.static}",
+            f"rl.static_prompt_bucket={'null' if args.static_bucket is None else args.static_bucket}",
             f"rl.logprob_chunk_size={'null' if args.logprob_chunk_size is None else args.logprob_chunk_size}",
         ]
     )
@@ -236,6 +240,7 @@ def main() -> None:
     summary["trained_tokens_per_s"] = trained / (mean["time/forward_backward"] + mean.get("time/reference_logprobs", 0))
     args.out.mkdir(parents=True, exist_ok=True)
     variant = ("_fast" if args.fast else "") + ("_static" if args.static else "")
+    variant += f"_bucket{args.static_bucket}" if args.static and args.static_bucket else ""
     variant += f"_chunk{args.logprob_chunk_size}" if args.logprob_chunk_size else ""
     name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{variant}.json"
     (args.out / name).write_text(json.dumps(summary, indent=2))

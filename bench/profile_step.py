@@ -41,23 +41,34 @@ def merged_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def is_annotation(event) -> bool:
+    """A `record_function` range: on a GPU the profiler also puts each one on the device's timeline, as long as the
+    kernels it covers (a user annotation, not work)."""
+    return event.name.startswith(PHASE_PREFIX) or bool(getattr(event, "is_user_annotation", False))
+
+
 def phase_report(events, decoding_steps: int) -> dict[str, dict[str, float]]:
-    """Per `phase/<name>` range: wall and GPU-busy milliseconds, runtime-call counts, and per decoding step for
-    generation. `events`: the profiler's FunctionEvents (host ranges and device kernels, one clock)."""
-    phases = [e for e in events if e.name.startswith(PHASE_PREFIX)]
-    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    """Per `phase/<name>`: wall and GPU-busy milliseconds, runtime-call counts, and per decoding step for
+    generation. `events`: the profiler's FunctionEvents (host ranges and device kernels, one clock). A phase's
+    wall time is its host ranges' (the device's copy of an annotation is left out); ranges of the same name add up."""
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU and not is_annotation(e)]
+    ranges: dict[str, list[tuple[float, float]]] = {}
+    for e in host:
+        if e.name.startswith(PHASE_PREFIX):
+            ranges.setdefault(e.name.removeprefix(PHASE_PREFIX), []).append((e.time_range.start, e.time_range.end))
     report: dict[str, dict[str, float]] = {}
-    for phase in phases:
-        start, end = phase.time_range.start, phase.time_range.end
-        inside = [e for e in host if start <= e.time_range.start and e.time_range.end <= end]
+    for name, spans in ranges.items():
+        inside = [e for e in host if any(s <= e.time_range.start and e.time_range.end <= t for s, t in spans)]
         kernels = [
-            (max(e.time_range.start, start), min(e.time_range.end, end))
+            (max(e.time_range.start, s), min(e.time_range.end, t))
             for e in device
-            if e.time_range.end > start and e.time_range.start < end
+            for s, t in spans
+            if e.time_range.end > s and e.time_range.start < t
         ]
         row = {
-            "wall_ms": (end - start) / 1e3,
+            "wall_ms": sum(t - s for s, t in spans) / 1e3,
+            "ranges": len(spans),
             "gpu_busy_ms": merged_length(kernels) / 1e3,
             "kernels": len(kernels),
             "launches": sum(e.name in LAUNCHES for e in inside),
@@ -66,7 +77,6 @@ def phase_report(events, decoding_steps: int) -> dict[str, dict[str, float]]:
             "copies": sum(e.name in COPIES for e in inside),
         }
         row["gpu_busy_share"] = row["gpu_busy_ms"] / row["wall_ms"] if row["wall_ms"] else 0.0
-        name = phase.name.removeprefix(PHASE_PREFIX)
         if name == "generation" and decoding_steps:
             for key in ("wall_ms", "gpu_busy_ms", "launches", "synchronizations", "copies"):
                 row[f"{key}_per_decoding_step"] = row[key] / decoding_steps
@@ -119,6 +129,7 @@ def main() -> None:
     trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=args.prompts))
     prof = profiled.profiler
     label = args.label or f"p{args.prompts}_g{args.group}_r{args.response}" + ("_static" if args.static else "")
+    label += f"_bucket{args.static_bucket}" if args.static and args.static_bucket else ""
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     result = {
         "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -3,7 +3,8 @@
 #
 #   bash bench/speed_device.sh DATA VARIANT[:SECONDS] ...
 #
-# VARIANT is one of: static (ours, fast_sampling + static_decoding), fast (ours, fast_sampling), plain (ours,
+# VARIANT is one of: static (ours, fast_sampling + static_decoding), bucket (the same with the prompts padded to a
+# multiple of 256 tokens rather than to 1,536: rl.static_prompt_bucket=256), fast (ours, fast_sampling), plain (ours,
 # 4-bit generate), trl (TRL's GRPOTrainer). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
 # 3 steps) in its own process, stopped after SECONDS (default 300). Expects the wheels of
 # bench/prepare_device_carry.sh installed under /tmp/site. Logs and JSON summaries go to $OUT.
@@ -20,6 +21,7 @@ for item in "$@"; do
   [ "$variant" != "$item" ] && seconds=${item#*:}
   case $variant in
     static) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static) ;;
+    bucket) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static --static-bucket 256) ;;
     fast) command=(python3 bench/grpo_step.py "${workload[@]}" --fast) ;;
     plain) command=(python3 bench/grpo_step.py "${workload[@]}") ;;
     trl) command=(python3 bench/trl_grpo_step.py "${workload[@]}") ;;

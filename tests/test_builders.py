@@ -53,16 +53,23 @@ def tiny_policy() -> torch.nn.Module:
 
 def test_an_rl_key_reaches_the_constructor(fixture_data_dir, tmp_path):
     overrides = ("rl.kl_beta=0.05", "rl.static_decoding=true", "rl.betas=[0.8,0.9]", "+rl.min_new_tokens=3", "seed=7")
-    cfg = train_cfg(fixture_data_dir, tmp_path, *overrides)
+    cfg = train_cfg(fixture_data_dir, tmp_path, *overrides, "rl.static_prompt_bucket=128")
     scorer = object()
     module = build_module(cfg, "rl", tiny_policy(), "tokenizer", scorer)
     assert type(module) is RLModule
     assert module.kl_beta == 0.05 and module.static_decoding is True and module.min_new_tokens == 3
+    assert module.static_prompt_bucket == 128
     assert module.optimizer_settings["betas"] == (0.8, 0.9)
     assert module.max_new_tokens == 12 and module.group_size == 2  # tiny_overrides
     assert module.seed == 7 and module.scorer is scorer  # from the run, not the group
     assert module.max_prompt_length == cfg.model.max_prompt_length and module.response_format == cfg.response_format
     assert module.temperature == 0.7 and module.warmup_steps == 2  # conf/rl/default.yaml, the defaults' one place
+
+
+def test_a_static_prompt_bucket_below_one_token_is_refused_naming_the_setting(fixture_data_dir, tmp_path):
+    cfg = train_cfg(fixture_data_dir, tmp_path, "rl.static_decoding=true", "rl.static_prompt_bucket=0")
+    with pytest.raises(ValueError, match="rl.static_prompt_bucket"):
+        build_module(cfg, "rl", tiny_policy(), "tokenizer", object())
 
 
 def test_a_warmup_key_reaches_the_constructor(fixture_data_dir, tmp_path):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cqr_lightning.errors import ConfigError
-from cqr_lightning.models.generation import GeneratedSample, generate, truncate_at_stop
+from cqr_lightning.models.generation import GeneratedSample, generate, static_prompt_width, truncate_at_stop
 from cqr_lightning.models.loading import ModelConfig, load_policy, load_tokenizer
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE
 from cqr_lightning.records import Turn, Utterance
@@ -253,3 +253,31 @@ def test_static_cache_samples_the_same_groups_with_the_same_seed(policy, tokeniz
     static = generate(policy, tokenizer, prompts, stop_strings=(), static_cache_width=64, **options)
     assert [s.prompt_index for s in static] == [0, 0, 0, 1, 1, 1]
     assert [s.response_ids for s in static] == [s.response_ids for s in dynamic]
+
+
+def test_static_prompt_width_rounds_the_longest_prompt_up_to_a_bucket_within_the_cap():
+    assert static_prompt_width(175, 1536) == 1536  # no bucket: every call padded to the cap
+    assert static_prompt_width(175, 1536, bucket=256) == 256
+    assert static_prompt_width(256, 1536, bucket=256) == 256  # on the grid already: no slack added
+    assert static_prompt_width(257, 1536, bucket=256) == 512
+    assert static_prompt_width(1500, 1536, bucket=256) == 1536  # the cap, not the next multiple (1,792)
+    assert static_prompt_width(1600, 1536, bucket=256) == 1600  # a prompt over the cap is never cut
+    assert static_prompt_width(1600, 1536) == 1600
+    assert {static_prompt_width(n, 1536, bucket=256) for n in range(1, 1537)} == {256, 512, 768, 1024, 1280, 1536}
+    with pytest.raises(ValueError, match="bucket"):
+        static_prompt_width(10, 100, bucket=0)
+
+
+def test_static_cache_with_a_bucket_pads_less_and_writes_the_same_greedy_text(policy, tokenizer, prompts, monkeypatch):
+    # transformers keeps the largest static cache a model has built; start from none, as a fresh run does
+    monkeypatch.delattr(policy.base_model.model, "_previous_max_cache_length", raising=False)
+    dynamic = generate(policy, tokenizer, prompts, max_new_tokens=10, stop_strings=())
+    longest = max(len(ids(tokenizer, p)) for p in prompts)
+    bucketed = generate(
+        policy, tokenizer, prompts, max_new_tokens=10, stop_strings=(), static_cache_width=longest + 200,
+        static_cache_bucket=8,
+    )  # fmt: skip
+    assert [s.response_ids for s in bucketed] == [s.response_ids for s in dynamic]
+    # the static cache covers the prompts rounded up to 8 tokens plus the response budget, not the 200-token cap
+    expected = -(-longest // 8) * 8 + 10
+    assert expected - 1 <= policy.base_model.model._previous_max_cache_length <= expected

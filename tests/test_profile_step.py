@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,6 +38,35 @@ def test_phase_report_attributes_host_work_to_the_phase_it_ran_in():
     assert generation["wall_ms"] > 0 and generation["wall_ms_per_decoding_step"] == generation["wall_ms"] / 8
     assert generation["kernels"] == 0 and generation["gpu_busy_ms"] == 0  # no device here: nothing on a GPU
     assert "wall_ms_per_decoding_step" not in report["reward"]
+
+
+def event(name, start, end, device=False, annotation=False):
+    """The fields of a profiler FunctionEvent that phase_report reads (a GPU's events cannot be made on the CPU)."""
+    kind = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(
+        name=name, device_type=kind, time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation
+    )
+
+
+def test_phase_report_reads_host_ranges_and_leaves_the_gpu_copy_of_an_annotation_out():
+    events = [
+        event("phase/generation", 0, 1000),  # two host ranges of one phase add up
+        event("phase/generation", 2000, 2500),
+        event("phase/generation", 100, 140, device=True, annotation=True),  # the device's copy: not the phase's wall
+        event("kernel_a", 100, 400, device=True),
+        event("kernel_b", 300, 600, device=True),  # overlaps kernel_a: busy time counted once
+        event("kernel_c", 2100, 2200, device=True),
+        event("kernel_d", 1200, 1300, device=True),  # between the ranges: not generation's
+        event("cudaLaunchKernel", 10, 20),
+        event("cudaLaunchKernel", 2010, 2020),
+        event("cudaStreamSynchronize", 900, 990),
+    ]
+    row = profile_step.phase_report(events, decoding_steps=10)["generation"]
+    assert row["ranges"] == 2 and row["wall_ms"] == pytest.approx(1.5)
+    assert row["kernels"] == 3 and row["gpu_busy_ms"] == pytest.approx(0.6)
+    assert row["launches"] == 2 and row["synchronizations"] == 1
+    assert row["gpu_busy_share"] == pytest.approx(0.4)
+    assert row["launches_per_decoding_step"] == pytest.approx(0.2)
 
 
 @pytest.mark.slow

@@ -262,6 +262,25 @@ def test_releasing_the_sampling_copy_between_rollouts_trains_the_same_adapter(
         assert torch.equal(value, adapters[1][name]), name
 
 
+def test_static_decoding_with_a_prompt_bucket_trains_the_same_adapter(
+    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
+):
+    adapters = []
+    for bucket in (None, 16):
+        policy = policy_with_random_lora_b(tiny_model_cfg)
+        policy.base_model.model.__dict__.pop("_previous_max_cache_length", None)  # a fresh run's model
+        module = RLModule(
+            policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, static_decoding=True,
+            static_prompt_bucket=bucket, scorer=RetrievalScorer(retriever), seed=3,
+        )  # fmt: skip
+        fit(module, data_cfg, [], 2, tmp_path / str(bucket))
+        adapters.append(lora_state(policy))
+        cache_length = policy.base_model.model._previous_max_cache_length
+        assert cache_length < 256 if bucket else cache_length >= 256, "the bucket shortens the static cache"
+    for name, value in adapters[0].items():
+        assert torch.allclose(value, adapters[1][name], atol=1e-6), name
+
+
 def test_turns_solved_by_question_are_those_whose_question_ranks_gold_high_enough(retriever, data_with_vague_turns):
     from cqr_lightning.readers import read_jsonl_turns
     from cqr_lightning.turn_filter import turns_solved_by_question

@@ -73,6 +73,18 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def static_prompt_width(longest: int, cap: int, bucket: int | None = None) -> int:
+    """Prompt width a static-cache `generate` call pads its batch to: `cap` (every call the same shape), or with
+    `bucket` the batch's longest prompt rounded up to a multiple of `bucket`, at most `cap`, so the KV cache and
+    every decoding step's attention cover the prompts plus a bucket's slack rather than the longest prompt allowed.
+    A prompt longer than `cap` is never cut. Widths stay on a grid: at most ceil(cap / bucket) + 1 shapes."""
+    if bucket is None:
+        return max(longest, cap)
+    if bucket < 1:
+        raise ValueError(f"static prompt bucket must be a positive token count or None, got {bucket}")
+    return max(longest, min(cap, -(-longest // bucket) * bucket))
+
+
 def _left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device, min_width: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +145,7 @@ def generate(
     batch_size: int | None = None,
     seed: int | None = None,
     static_cache_width: int | None = None,
+    static_cache_bucket: int | None = None,
 ) -> list[GeneratedSample]:
     """Sample `num_return_sequences` responses for each prompt, in prompt order.
 
@@ -146,6 +159,10 @@ def generate(
     `static_cache_width` switches to transformers' static KV cache with every batch left-padded to at least that
     many prompt tokens, so each call has the same shapes: on a GPU, `generate` then compiles the decoding step
     once (CUDA graphs) instead of launching every kernel from Python at every token. Outputs are unchanged.
+    `static_cache_bucket` pads each batch only to its longest prompt rounded up to that many tokens (at most
+    `static_cache_width`; `static_prompt_width`): less prefill, and a KV cache as long as the prompts need. transformers
+    (pinned) keeps the largest static cache a model has built, so the cache grows to the widest bucket met so far
+    and never shrinks: decoding compiles once per growth, not once per call.
     """
     if max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
@@ -184,7 +201,10 @@ def generate(
         with torch.no_grad(), _rng_scope(seed, device):
             for start in range(0, len(encoded), step):
                 batch = encoded[start : start + step]
-                input_ids, attention_mask = _left_pad(batch, pad_id, device, static_cache_width or 0)
+                width = 0
+                if static_cache_width is not None:
+                    width = static_prompt_width(max(map(len, batch)), static_cache_width, static_cache_bucket)
+                input_ids, attention_mask = _left_pad(batch, pad_id, device, width)
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
                 new_tokens = output[:, input_ids.shape[1] :].tolist()  # [B * n, <= max_new_tokens]
                 for row, generated in enumerate(new_tokens):

@@ -63,6 +63,7 @@ class RLModule(PolicyModule):
         fast_sampling: bool = False,
         release_sampling_copy: bool = False,
         static_decoding: bool = False,
+        static_prompt_bucket: int | None = None,
         logprob_chunk_size: int | None = None,
         seed: int = 0,
         **policy_kwargs,
@@ -86,6 +87,11 @@ class RLModule(PolicyModule):
         self.fast_sampling = fast_sampling
         self.release_sampling_copy = release_sampling_copy  # free the copy's merged linears during the loss passes
         self.static_decoding = static_decoding
+        if static_prompt_bucket is not None and static_prompt_bucket < 1:
+            raise ValueError(
+                f"rl.static_prompt_bucket must be a positive token count or null, got {static_prompt_bucket}"
+            )
+        self.static_prompt_bucket = static_prompt_bucket  # None: pad to max_prompt_length (one shape)
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
         self.logprob_chunk_size = logprob_chunk_size  # None: all of a micro-batch's logits at once
@@ -158,6 +164,7 @@ class RLModule(PolicyModule):
                 num_return_sequences=self.group_size,
                 seed=sample_seed(self.seed, epoch, indices[start]),
                 static_cache_width=self.max_prompt_length if self.static_decoding else None,
+                static_cache_bucket=self.static_prompt_bucket,
             )
             samples += [replace(s, prompt_index=start + s.prompt_index) for s in chunk]
         return sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
@@ -185,8 +192,8 @@ class RLModule(PolicyModule):
         start = time.perf_counter()
         with torch.profiler.record_function(f"phase/{name}"):
             yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":  # inside the range, so that a profiler's range covers the phase's kernels
+                torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def training_step(self, batch, batch_idx: int):
