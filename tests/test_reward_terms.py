@@ -42,7 +42,7 @@ def test_bad_reward_settings_name_the_setting():
     with pytest.raises(ConfigError, match="finite number"):
         weighted_terms([{"name": "format", "weight": float("nan")}])
     names = {"rank_incentive", "mrr@3", "ndcg@3", "recall@10", "recall@100", "format", "below_question"}
-    names |= {"needless_rewrite"}
+    names |= {"needless_rewrite", "rewrite_when_solved"}
     assert set(REWARD_TERMS) == names
 
 
@@ -101,11 +101,27 @@ def test_needless_rewrite_costs_a_rewrite_that_does_not_beat_the_question_and_ne
     assert values == [0.0, 0.0, -1.0, -1.0, -1.0, 0.0, None]
 
 
+def test_rewrite_when_solved_costs_only_changing_a_question_that_already_ranks_gold_first():
+    from cqr_lightning.grpo.reward_terms import rewrite_when_solved_term
+
+    turn = Turn(id="t", history=(), question="When did the Tokyo Tower open?", positives=("p",))
+    longer = "When did the Tokyo Tower in Japan open?"
+    rewrites = ["when did the tokyo tower open", longer, longer, "When did it open?", "When did the tower open?", None]
+    ranks = [1, 1, 1, None, None, None]
+    ok = [True, True, True, True, True, False]
+    question_ranks = [1, 1, 2, None, 3, 1]
+    values = rewrite_when_solved_term(rewrites, ranks, ok, [turn] * 6, question_ranks=question_ranks)
+    # a copy of a solved question is free; changing it costs 1 even when gold stays first; on turns the question
+    # does not solve (rank 2, no gold, rank 3) nothing is charged, a miss included; malformed: no opinion
+    assert values == [0.0, -1.0, 0.0, 0.0, 0.0, None]
+
+
 def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, data_cfg):
     from cqr_lightning.readers import read_jsonl_turns
 
     turns = list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))
     relative = [{"name": "below_question", "weight": 1.0}, {"name": "needless_rewrite", "weight": 0.25}]
+    relative += [{"name": "rewrite_when_solved", "weight": 0.5}]
     terms = weighted_terms([*SPEC_REWARD, *relative])
     with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as retriever:
         scorer = RetrievalScorer(retriever, rewards=terms, response_format="rewrite_only")
@@ -123,5 +139,8 @@ def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, dat
     gained = [r is not None and r < 100 and (q is None or r < q) for r, q in zip(off_topic.ranks, asked, strict=True)]
     assert not all(gained)
     assert off_topic.terms["needless_rewrite"] == [0.0 if g else -1.0 for g in gained]
+    assert batch.terms["rewrite_when_solved"] == [0.0] * len(turns)  # copies
+    solved = [q == 1 for q in asked]  # every dev question of the fixture; the other side is tested above
+    assert off_topic.terms["rewrite_when_solved"] == [-1.0 if s else 0.0 for s in solved]
     assert spec_only._question_ranks == {}, "no term names question_ranks: the questions are not searched"
     assert batch.rewards == pytest.approx([rank_incentive_reward(r, True) for r in asked])

@@ -74,10 +74,26 @@ def needless_rewrite_term(rewrites, ranks, format_ok, turns, question_ranks, **c
     return values
 
 
+def rewrite_when_solved_term(rewrites, ranks, format_ok, turns, question_ranks, **context) -> list[float | None]:
+    """-1 for a well-formed rewrite that changes a question which, searched as asked, already ranks a gold passage
+    first; 0 for a copy and for every response on a turn the question does not solve. `needless_rewrite` charges
+    ties on every turn, and on hard turns, where most samples miss, a copy then beats every failed rewrite: the
+    policy learned to copy everywhere (bench/RESULTS.md, "Sixth session"). This term charges only where nothing can
+    be gained, so on the other turns the helpful rewrites keep their whole advantage."""
+    values: list[float | None] = []
+    for rewrite, ok, turn, question_rank in zip(rewrites, format_ok, turns, question_ranks, strict=True):
+        if not ok:
+            values.append(None)
+        else:
+            values.append(-1.0 if question_rank == 1 and not is_copy(rewrite, turn.question) else 0.0)
+    return values
+
+
 REWARD_TERMS: dict[str, RewardTerm] = {name: rank_term(fn) for name, fn in REWARD_FUNCTIONS.items()}
 REWARD_TERMS["format"] = format_term
 REWARD_TERMS["below_question"] = below_question_term
 REWARD_TERMS["needless_rewrite"] = needless_rewrite_term
+REWARD_TERMS["rewrite_when_solved"] = rewrite_when_solved_term
 
 
 @dataclass(frozen=True)
