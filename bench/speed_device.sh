@@ -4,7 +4,9 @@
 #   bash bench/speed_device.sh DATA VARIANT[:SECONDS] ...
 #
 # VARIANT is one of: static (ours, fast_sampling + static_decoding), bucket (the same with the prompts padded to a
-# multiple of 256 tokens rather than to 1,536: rl.static_prompt_bucket=256), fast (ours, fast_sampling), plain (ours,
+# multiple of 256 tokens rather than to 1,536: rl.static_prompt_bucket=256), bucket_gqa (bucket, and SDPA reads the
+# grouped key/value heads itself instead of transformers repeating them: TRANSFORMERS_SDPA_FORCE_GQA=1, which
+# transformers leaves off on CUDA when a mask is given), fast (ours, fast_sampling), plain (ours,
 # 4-bit generate), trl (TRL's GRPOTrainer). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
 # 3 steps) in its own process, stopped after SECONDS (default 300). Expects the wheels of
 # bench/prepare_device_carry.sh installed under /tmp/site. Logs and JSON summaries go to $OUT.
@@ -22,6 +24,8 @@ for item in "$@"; do
   case $variant in
     static) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static) ;;
     bucket) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static --static-bucket 256) ;;
+    bucket_gqa) command=(env TORCH_LOGS=recompiles TRANSFORMERS_SDPA_FORCE_GQA=1 python3 bench/grpo_step.py "${workload[@]}"
+      --fast --static --static-bucket 256) ;;
     fast) command=(python3 bench/grpo_step.py "${workload[@]}" --fast) ;;
     plain) command=(python3 bench/grpo_step.py "${workload[@]}") ;;
     trl) command=(python3 bench/trl_grpo_step.py "${workload[@]}") ;;
