@@ -243,17 +243,24 @@ def test_fast_sampling_path_trains_and_resyncs_after_each_step(
     assert "time/generation" in trainer.callback_metrics
 
 
+def fit_seeded(policy, tokenizer, retriever, data_cfg, steps: int, run_dir, **options) -> RLModule:
+    """GRPO on the tiny policy with seeded sampling, for tests that train twice and compare the adapters."""
+    module = RLModule(
+        policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, scorer=RetrievalScorer(retriever),
+        seed=3, **options,
+    )  # fmt: skip
+    fit(module, data_cfg, [], steps, run_dir)
+    return module
+
+
 def test_releasing_the_sampling_copy_between_rollouts_trains_the_same_adapter(
     tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
 ):
     adapters, released = [], []
     for release in (False, True):
         policy = policy_with_random_lora_b(tiny_model_cfg)
-        module = RLModule(
-            policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, fast_sampling=True,
-            release_sampling_copy=release, scorer=RetrievalScorer(retriever), seed=3,
-        )  # fmt: skip
-        fit(module, data_cfg, [], 3, tmp_path / str(release))
+        module = fit_seeded(policy, tokenizer, retriever, data_cfg, 3, tmp_path / str(release), fast_sampling=True,
+                            release_sampling_copy=release)  # fmt: skip
         adapters.append(lora_state(policy))
         released.append(module._sampler.released)
     assert released == [False, True], "the copy is released after the last rollout only when asked"
@@ -269,11 +276,8 @@ def test_static_decoding_with_a_prompt_bucket_trains_the_same_adapter(
     for bucket in (None, 16):
         policy = policy_with_random_lora_b(tiny_model_cfg)
         policy.base_model.model.__dict__.pop("_previous_max_cache_length", None)  # a fresh run's model
-        module = RLModule(
-            policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, static_decoding=True,
-            static_prompt_bucket=bucket, scorer=RetrievalScorer(retriever), seed=3,
-        )  # fmt: skip
-        fit(module, data_cfg, [], 2, tmp_path / str(bucket))
+        fit_seeded(policy, tokenizer, retriever, data_cfg, 2, tmp_path / str(bucket), static_decoding=True,
+                   static_prompt_bucket=bucket)  # fmt: skip
         adapters.append(lora_state(policy))
         cache_length = policy.base_model.model._previous_max_cache_length
         assert cache_length < 256 if bucket else cache_length >= 256, "the bucket shortens the static cache"
