@@ -106,7 +106,7 @@ class Timings(L.Callback):
 def mean_prompt_tokens(module, data_cfg, n: int) -> float:
     from data_modules.conversations import ConversationDataModule
 
-    turns = [t for t, _ in ConversationDataModule(data_cfg).ordered_stream("dev", n)]
+    turns = [item[0] for item in ConversationDataModule(data_cfg).ordered_stream("dev", n)]
     return sum(len(module.tokenizer(p)["input_ids"]) for p in module.prompts(turns)) / len(turns)
 
 
