@@ -66,6 +66,17 @@ def training_turns(cfg: DictConfig, retriever, run_dir: Path) -> list:
     return [t for t in turn_reader(cfg.data, cfg.data.train_split)() if t.id not in skipped]
 
 
+def trl_scale_rewards(scale_advantages) -> str:
+    """TRL's `scale_rewards` for our `rl.scale_advantages`; TRL's "batch" divides by the std of the raw rewards,
+    not of the group-centred ones, so our "pooled" has no TRL equivalent."""
+    from cqr_lightning.grpo.losses import advantage_scale_name
+
+    scale = advantage_scale_name(scale_advantages)
+    if scale == "pooled":
+        raise ValueError("rl.scale_advantages=pooled has no TRL equivalent; compare with group or none")
+    return scale
+
+
 def grpo_config(cfg: DictConfig, out: Path):
     from trl import GRPOConfig
 
@@ -92,7 +103,7 @@ def grpo_config(cfg: DictConfig, out: Path):
         beta=float(r.kl_beta),
         epsilon=float(r.clip_eps),
         loss_type="dapo",
-        scale_rewards="group" if r.scale_advantages else "none",
+        scale_rewards=trl_scale_rewards(r.scale_advantages),
         num_iterations=int(r.updates_per_rollout),
         gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
         bf16=torch.cuda.is_available(),

@@ -72,6 +72,15 @@ def test_a_static_prompt_bucket_below_one_token_is_refused_naming_the_setting(fi
         build_module(cfg, "rl", tiny_policy(), "tokenizer", object())
 
 
+def test_scale_advantages_takes_its_names_and_its_older_booleans_and_refuses_others(fixture_data_dir, tmp_path):
+    for value, expected in (("pooled", "pooled"), ("group", "group"), ("false", "none"), ("true", "group")):
+        cfg = train_cfg(fixture_data_dir, tmp_path, f"rl.scale_advantages={value}")
+        assert build_module(cfg, "rl", tiny_policy(), "tokenizer", object()).scale_advantages == expected
+    cfg = train_cfg(fixture_data_dir, tmp_path, "rl.scale_advantages=batch")
+    with pytest.raises(ValueError, match="rl.scale_advantages must be one of group, pooled, none, got 'batch'"):
+        build_module(cfg, "rl", tiny_policy(), "tokenizer", object())
+
+
 def test_a_warmup_key_reaches_the_constructor(fixture_data_dir, tmp_path):
     cfg = train_cfg(fixture_data_dir, tmp_path, "warmup.max_length=77", "warmup.schedule=linear", "warmup.lr=3e-4")
     module = build_module(cfg, "warmup", tiny_policy(), "tokenizer", None, warmup_steps=2, total_steps=9)

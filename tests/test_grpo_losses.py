@@ -66,6 +66,47 @@ def test_group_advantages_validates():
         group_advantages(torch.zeros(2, 4), group_size=4)
 
 
+def test_group_advantages_pooled_divides_every_group_by_one_batch_std():
+    rewards = torch.tensor([4.0, 4.0, 4.0, 3.75, 1.0, 3.0, 1.0, 3.0])  # a tie-breaker group, a group whose ranks differ
+    centred = torch.tensor([0.0625, 0.0625, 0.0625, -0.1875, -1.0, 1.0, -1.0, 1.0])
+    pooled_std = math.sqrt(float(centred.square().mean()))
+    close(group_advantages(rewards, group_size=4, scale="pooled"), centred / (pooled_std + 1e-6))
+
+
+def test_group_advantages_pooled_keeps_a_tie_breaker_small_where_group_scaling_inflates_it():
+    rewards = torch.tensor([4.0, 4.0, 4.0, 3.75, 1.0, 3.0, 1.0, 3.0])
+    grouped = group_advantages(rewards, group_size=4, scale="group")
+    pooled = group_advantages(rewards, group_size=4, scale="pooled")
+    # group scaling: the -0.25 tie-breaker earns a larger advantage than a rank gain in the other group
+    assert grouped[:4].abs().max() > grouped[4:].abs().max()
+    # pooled: the tie-breaker's advantages keep their 0.25 : 2 proportion to the rank differences
+    close(pooled[:4].abs().max() / pooled[4:].abs().max(), 0.1875)
+
+
+def test_group_advantages_pooled_reduce_sum_gives_the_global_batch_scale():
+    rewards = torch.tensor([1.0, 2.0, 0.0, 4.0, 5.0, 5.0, 2.0, 0.0])
+    whole = group_advantages(rewards, group_size=2, scale="pooled")
+    halves = [rewards[:4], rewards[4:]]  # two processes, two groups each
+
+    def all_reduce_with(other):  # sums this process's values with the other's, in the order they are asked for
+        centred = group_advantages(other, group_size=2, scale="none")
+        pending = [float(centred.square().sum()), float(centred.numel())]  # the squares, then the count
+        return lambda value: value + pending.pop(0)
+
+    first = group_advantages(halves[0], 2, scale="pooled", reduce_sum=all_reduce_with(halves[1]))
+    second = group_advantages(halves[1], 2, scale="pooled", reduce_sum=all_reduce_with(halves[0]))
+    close(torch.cat([first, second]), whole)
+
+
+def test_group_advantages_scale_names_and_their_boolean_forms():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert torch.equal(group_advantages(rewards, 2, scale=True), group_advantages(rewards, 2, scale="group"))
+    assert torch.equal(group_advantages(rewards, 2, scale=False), group_advantages(rewards, 2, scale="none"))
+    assert torch.equal(group_advantages(torch.full((4,), 2.0), 2, scale="pooled"), torch.zeros(4))
+    with pytest.raises(ValueError, match="rl.scale_advantages must be one of group, pooled, none"):
+        group_advantages(rewards, 2, scale="batch")
+
+
 # token_log_probs / token_entropy
 
 

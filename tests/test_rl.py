@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -119,6 +121,19 @@ def test_one_grpo_step_changes_every_lora_parameter(tiny_model_cfg, tokenizer, d
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert not unchanged, f"{len(unchanged)} LoRA parameters did not move, e.g. {unchanged[:2]}"
     assert trainer.callback_metrics["train/grad_norm"] > 0
+
+
+def test_the_advantage_scale_reaches_the_gradient(tiny_model_cfg, tokenizer, data_cfg, tmp_path):
+    # one group, rewards 2, 0, 2, 0: centred +-1; its sample std is sqrt(4 / 3), the pooled (population) std is 1
+    norms = {}
+    for scale in ("group", "pooled"):
+        policy = policy_with_random_lora_b(tiny_model_cfg)
+        module = scripted_module(policy, tokenizer, [GOOD, BAD, GOOD, BAD], kl_beta=0.0, entropy_coef=0.0,
+                                 scale_advantages=scale, max_grad_norm=1e9)  # fmt: skip
+        trainer = fit(module, data_cfg, [ScriptedScorer({GOOD: 2.0, BAD: 0.0})], 1, tmp_path / scale)
+        norms[scale] = float(trainer.callback_metrics["train/grad_norm"])
+    # without KL and entropy the gradient is linear in the advantages (to the rounding of the 4-bit layers' compute)
+    assert norms["pooled"] / norms["group"] == pytest.approx(math.sqrt(4 / 3), rel=2e-3)
 
 
 def test_group_with_equal_rewards_gives_no_policy_gradient(tiny_model_cfg, tokenizer, data_cfg, tmp_path):

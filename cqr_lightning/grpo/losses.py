@@ -11,20 +11,48 @@ The micro-batch losses (and their gradients) then add up exactly to the loss of 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 AGGREGATION_MODES = ("token_mean", "sequence_mean", "constant")
 
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> Tensor:
+ADVANTAGE_SCALES = ("group", "pooled", "none")
+
+
+def advantage_scale_name(scale: str | bool) -> str:
+    """`rl.scale_advantages` as one of ADVANTAGE_SCALES; true and false, its older values, mean group and none."""
+    if isinstance(scale, bool):
+        return "group" if scale else "none"
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"rl.scale_advantages must be one of {', '.join(ADVANTAGE_SCALES)}, got {scale!r}")
+    return scale
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    eps: float = 1e-6,
+    scale: str | bool = "group",
+    reduce_sum: Callable[[float], float] | None = None,
+) -> Tensor:
     """Advantage of each response relative to the other responses to the same prompt.
 
-    `rewards` is [B * G] with each prompt's G responses next to each other. The advantage is
-    (R - group mean) / (group std + eps), where std is the sample (unbiased, n - 1) standard deviation,
-    torch's default and what the reference verl implementation uses. `scale=False` gives Dr. GRPO's
-    mean-only centring. A group whose rewards are all equal gets exactly zero advantage.
+    `rewards` is [B * G] with each prompt's G responses next to each other. Each reward is centred on its group's
+    mean, then divided according to `scale`:
+    - "group" (GRPO): by its group's sample (unbiased, n - 1) standard deviation + eps, torch's default and what
+      the reference verl implementation uses. A group whose rewards differ only by a small term then gets
+      advantages as large as a group whose ranks differ.
+    - "pooled": by one standard deviation for the whole batch, sqrt(mean of the squared centred rewards) + eps, so
+      a group keeps its spread relative to the others: a tie-breaking term stays a tie-breaker. `reduce_sum` sums
+      a float over DDP processes, making the scale the global batch's.
+    - "none": Dr. GRPO's mean-only centring.
+    True and False mean "group" and "none". A group whose rewards are all equal gets exactly zero advantage.
     """
+    scale = advantage_scale_name(scale)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B * G], got shape {tuple(rewards.shape)}")
     if group_size < 2:
@@ -37,8 +65,12 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale:
     centred = groups - groups.mean(dim=-1, keepdim=True)  # [B, G]
     flat = groups.amax(dim=-1, keepdim=True) == groups.amin(dim=-1, keepdim=True)  # [B, 1]
     centred = centred.masked_fill(flat, 0.0)
-    if scale:
+    if scale == "group":
         centred = centred / (groups.std(dim=-1, keepdim=True) + eps)
+    elif scale == "pooled":
+        total = reduce_sum or (lambda value: value)
+        squares, count = total(float(centred.square().sum())), total(float(centred.numel()))
+        centred = centred / (math.sqrt(squares / count) + eps)
     return centred.reshape(-1)  # [B * G]
 
 

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from cqr_lightning.distributed import sample_seed
-from cqr_lightning.grpo.losses import group_advantages, grpo_loss
+from cqr_lightning.grpo.losses import advantage_scale_name, group_advantages, grpo_loss
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
 from cqr_lightning.models.generation import generate
 from cqr_lightning.modules.policy import PolicyModule
@@ -49,7 +49,7 @@ class RLModule(PolicyModule):
         entropy_coef: float = 0.0,
         loss_aggregation: str = "token_mean",
         loss_constant: float | None = None,
-        scale_advantages: bool = True,
+        scale_advantages: str | bool = "group",
         updates_per_rollout: int = 1,
         micro_batch_size: int = 8,
         max_grad_norm: float = 1.0,
@@ -78,7 +78,7 @@ class RLModule(PolicyModule):
         self.entropy_coef = entropy_coef
         self.loss_aggregation = loss_aggregation
         self.loss_constant = loss_constant
-        self.scale_advantages = scale_advantages
+        self.scale_advantages = advantage_scale_name(scale_advantages)  # fails early, naming the setting
         self.updates_per_rollout = updates_per_rollout
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
@@ -256,7 +256,9 @@ class RLModule(PolicyModule):
     def update(self, samples, rewards, n_prompts: int) -> dict[str, float]:
         """One GRPO optimizer step on group-contiguous `samples` with their `rewards` (a RewardBatch)."""
         reward_tensor = torch.tensor(rewards.rewards, dtype=torch.float32, device=self.device)
-        advantages = group_advantages(reward_tensor, self.group_size, scale=self.scale_advantages)  # [N]
+        advantages = group_advantages(
+            reward_tensor, self.group_size, scale=self.scale_advantages, reduce_sum=self.global_sum
+        )  # [N]
         pad = self.tokenizer.pad_token_id
         rollout = pack_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad).to(self.device)
         n, total_tokens = len(rollout), rollout.response_mask.sum().clamp(min=1)
