@@ -10,8 +10,10 @@ Every problem is reported as a `DataError` naming the file and the line where th
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
@@ -40,11 +42,19 @@ def check_utf8(path: Path, text: str, line: int, column_known: bool = True) -> s
 
 
 def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line) of a UTF-8 text file; a byte that is not UTF-8 raises a DataError naming its line."""
+    """Yield (line number, line) of a UTF-8 text file, gzipped when its name ends in .gz; a byte that is not UTF-8
+    raises a DataError naming its line, a damaged gzip stream one naming the line it stopped after."""
     path = Path(path)
-    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            yield line_no, check_utf8(path, line, line_no)
+    opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                yield line_no, check_utf8(path, line, line_no)
+    except (OSError, EOFError, zlib.error) as err:
+        if opener is open:
+            raise
+        raise DataError(path, f"not a readable gzip file ({err}) after line {line_no}; re-compress it") from None
 
 
 def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 
@@ -96,6 +97,24 @@ def test_a_malformed_line_names_the_file_and_line(tmp_path):
     broken.write_text('{"id": "a", "mrr@3": 1.0}\n{"id": "b", \n')
     with pytest.raises(DataError, match=r"broken\.jsonl:2: malformed JSON"):
         compare_files(baseline, broken)
+
+
+def test_gzipped_evaluations_compare_like_plain_ones_and_a_damaged_one_names_the_file(tmp_path):
+    rows = [{"id": "a", "mrr@3": 0.0}, {"id": "b", "mrr@3": 1.0}, {"id": "c", "mrr@3": 0.5}]
+    baseline = write_rewrites(tmp_path / "raw.jsonl", rows)
+    candidate = write_rewrites(tmp_path / "model.jsonl", [{**row, "mrr@3": 1.0} for row in rows])
+    packed = tmp_path / "model.jsonl.gz"
+    packed.write_bytes(gzip.compress(candidate.read_bytes()))
+    plain, zipped = compare_files(baseline, candidate, samples=100), compare_files(baseline, packed, samples=100)
+    assert zipped.mean_difference == plain.mean_difference == pytest.approx(0.5)
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: not a readable gzip file .* after line [0-3];"):
+        compare_files(baseline, truncated)
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_bytes(candidate.read_bytes())
+    with pytest.raises(DataError, match=r"plain\.jsonl\.gz: not a readable gzip file .* after line 0"):
+        compare_files(baseline, not_gzip)
 
 
 def test_the_table_shows_format_and_copy_shares_where_a_row_has_them():
