@@ -43,6 +43,7 @@ RECIPE_KEYS = {
         "prefill_response",
         "lenient_format",
         "keep_rank",
+        "solved_turn_target",
         "sample_limit",
         "sampling_batch_size",
         "reuse_distilled",

@@ -4,6 +4,11 @@ The untuned model rewrites each training turn N times from the few-shot prompt; 
 when it passes the format check and its rewrite ranks a gold passage at `keep_rank` or better; with
 N > 1 only the best kept sample of a turn survives.  The kept (prompt without the few-shot example,
 response) pairs are the SFT data.
+
+With `solved_turn_target="question"`, a turn whose question, searched as asked, already ranks a gold passage at
+`keep_rank` or better is kept with the question itself as its rewrite: the SFT then teaches leaving a self-contained
+question alone instead of paraphrasing it (most samples kept on such turns are paraphrases that the filter cannot
+tell from helpful rewrites, since both keep the gold passage first).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, format_response, render_prompt
 from cqr_lightning.records import Turn
 from cqr_lightning.scoring import rank_bucket
+
+SOLVED_TURN_TARGETS = ("sample", "question")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ def distill(
     keep_rank: int = 1,
     response_format: str = THINK_REWRITE,
     lenient: bool = False,
+    solved_turn_target: str = "sample",
 ) -> tuple[list[DistilledExample], dict]:
     """Filter sampled responses by retrieval; returns the kept examples and yield statistics.
 
@@ -58,12 +66,22 @@ def distill(
     `lenient` (rewrite_only format only) accepts a response whose tags are broken when a rewrite can
     still be read from it (`lenient_rewrite`), and stores the canonical `<rewrite> ... </rewrite>` as
     the SFT target, so the fine-tuned model learns the exact format the RL reward checks.
+
+    `solved_turn_target` ("sample" or "question", module docstring) says what a turn the question alone solves is
+    kept with; "question" needs the rewrite_only format (a think_rewrite target would need a thought the model wrote).
     """
     if lenient and response_format != REWRITE_ONLY:
         raise ConfigError("warmup.lenient_format works with response_format=rewrite_only only")
+    if solved_turn_target not in SOLVED_TURN_TARGETS:
+        raise ConfigError(
+            f"warmup.solved_turn_target must be one of {', '.join(SOLVED_TURN_TARGETS)}, got {solved_turn_target!r}"
+        )
+    keep_question = solved_turn_target == "question"
+    if keep_question and response_format != REWRITE_ONLY:
+        raise ConfigError("warmup.solved_turn_target=question works with response_format=rewrite_only only")
     kept: list[DistilledExample] = []
     histogram: Counter = Counter()
-    turns_seen = samples_seen = format_ok_count = readable_count = 0
+    turns_seen = samples_seen = format_ok_count = readable_count = question_targets = 0
     for turn, responses in sampled:
         turns_seen += 1
         samples_seen += len(responses)
@@ -75,13 +93,18 @@ def distill(
         readable_count += sum(ok)
         ranks: list[int | None] = [None] * len(parsed)
         valid = [i for i, flag in enumerate(ok) if flag]
-        if valid:
-            found = best_ranks([parsed[i].rewrite for i in valid], [turn] * len(valid))
-            for i, rank in zip(valid, found, strict=True):
-                ranks[i] = rank
+        queries = [parsed[i].rewrite for i in valid] + ([turn.question] if keep_question else [])
+        found = best_ranks(queries, [turn] * len(queries)) if queries else []
+        for i, rank in zip(valid, found[: len(valid)], strict=True):
+            ranks[i] = rank
         histogram.update(rank_bucket(r) if flag else "bad_format" for r, flag in zip(ranks, ok, strict=True))
+        question_rank = found[-1] if keep_question else None  # a copy is searched as asked (SearchPlan.as_asked)
         choice = best_sample(ranks, ok, keep_rank)
-        if choice is not None:
+        if question_rank is not None and question_rank <= keep_rank:
+            question_targets += 1
+            response = format_response(turn.question, None, response_format)
+            kept.append(DistilledExample(turn.id, prompt_for(turn), response, turn.question, question_rank))
+        elif choice is not None:
             rewrite = parsed[choice].rewrite
             response = format_response(rewrite, None, response_format) if lenient else responses[choice].strip()
             kept.append(DistilledExample(turn.id, prompt_for(turn), response, rewrite, ranks[choice]))
@@ -91,6 +114,7 @@ def distill(
         "format_ok_rate": format_ok_count / samples_seen if samples_seen else 0.0,
         "readable_rate": readable_count / samples_seen if samples_seen else 0.0,  # with `lenient`
         "kept": len(kept),
+        "question_targets": question_targets,  # with solved_turn_target="question": turns kept with their question
         "yield": len(kept) / turns_seen if turns_seen else 0.0,
         "rank_histogram": dict(histogram),
     }

@@ -197,10 +197,15 @@ def write_distilled(cfg: DictConfig, stage_dir: Path, sampled: list, tokenizer, 
     def prompt_for(turn):
         return render_prompt(tokenizer, turn, cfg.model.max_prompt_length, False, cfg.response_format)
 
-    kept, stats = distill(sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format, w.lenient_format)
+    kept, stats = distill(
+        sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format, w.lenient_format, w.solved_turn_target
+    )
     write_jsonl(distilled_path, (example.to_json() for example in kept))
     write_json(stage_dir / "distill_stats.json", stats)
-    log.info("self-distillation kept %d of %d turns (yield %.3f)", stats["kept"], stats["turns"], stats["yield"])
+    log.info(
+        "self-distillation kept %d of %d turns (yield %.3f; %d with their question as the target)",
+        stats["kept"], stats["turns"], stats["yield"], stats["question_targets"],
+    )  # fmt: skip
     if logger is not None:
         logger.log_metrics({f"distill/{k}": float(v) for k, v in stats.items() if not isinstance(v, dict)})
         for bucket, count in stats["rank_histogram"].items():

@@ -149,6 +149,20 @@ def test_warmup_that_samples_no_turn_says_the_training_split_is_empty(fixture_da
 
 
 @pytest.mark.slow
+def test_warmup_keeps_turns_the_question_solves_with_the_question_when_set(fixture_data_dir, tmp_path):
+    overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tmp_path / "mlflow.db"), "stage=warmup"]
+    setting = ["response_format=rewrite_only", "warmup.solved_turn_target=question", "warmup.validate_before=false"]
+    train.run(compose_train([*overrides, *setting]))
+    stage_dir = tmp_path / "run" / "warmup"
+    questions = {row["id"]: row["question"] for row in map(json.loads, (fixture_data_dir / "train.jsonl").open())}
+    kept = [json.loads(line) for line in (stage_dir / "distilled.jsonl").open()]
+    # every fixture training question ranks its gold passage first, so the tiny model's samples never matter
+    assert {row["turn_id"]: row["rewrite"] for row in kept} == questions
+    assert json.loads((stage_dir / "distill_stats.json").read_text())["question_targets"] == len(questions)
+    assert (stage_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_warmup_stage_trains_from_a_distilled_file(fixture_data_dir, tmp_path, caplog):
     run_dir = tmp_path / "run"
     (run_dir / "warmup").mkdir(parents=True)

@@ -11,6 +11,7 @@ import torch
 from callbacks.stream_position import StreamPositionCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO
 from cqr_lightning.distill import best_sample, distill
+from cqr_lightning.errors import ConfigError
 from cqr_lightning.models.loading import load_policy, load_tokenizer
 from cqr_lightning.modules.warmup import WarmupModule
 from cqr_lightning.prompts import render_prompt
@@ -68,6 +69,45 @@ def test_filter_keeps_exactly_the_samples_that_rank_a_gold_passage_first(retriev
     assert sum(stats["rank_histogram"].values()) == 4 * len(turns)
     assert stats["rank_histogram"]["bad_format"] == len(turns)
     assert all("Here is an example" not in e.prompt for e in kept), "SFT prompts carry no few-shot example"
+
+
+def test_a_turn_the_question_solves_is_kept_with_the_question_when_asked(retriever, data_with_vague_turns):
+    turns = list(read_jsonl_turns(data_with_vague_turns / "train.jsonl"))
+    helpful = {"vague_1": "When did the Tokyo Tower open?", "vague_2": "How do bees tell nest mates where food is?"}
+    scorer = RetrievalScorer(retriever)
+
+    def rank_of(query, turn):
+        return best_gold_rank(retriever.search([query], k=100)[0], turn.positives)
+
+    solved = {t.id for t in turns if rank_of(t.question, t) == 1}
+    assert solved and not solved & helpful.keys(), "the fixture must have turns of both kinds"
+    assert all(rank_of(helpful[t.id], t) == 1 for t in turns if t.id in helpful)
+    # per turn: a rewrite that ranks gold first (a paraphrase, on the turns the question solves) and junk
+    scripted = [
+        (t, [f"<rewrite> {helpful.get(t.id, t.rewrite)} </rewrite>", "<rewrite> zebra violin </rewrite>"])
+        for t in turns
+    ]
+    plain, _ = distill(scripted, scorer.best_ranks, lambda t: "p", 1, "rewrite_only")
+    kept, stats = distill(scripted, scorer.best_ranks, lambda t: "p", 1, "rewrite_only", solved_turn_target="question")
+    assert {e.turn_id for e in kept} == {e.turn_id for e in plain} == solved | helpful.keys()
+    by_id = {t.id: t for t in turns}
+    for example in kept:
+        if example.turn_id in solved:
+            question = by_id[example.turn_id].question
+            target = f"<rewrite> {question} </rewrite>"
+            assert (example.rewrite, example.response, example.rank) == (question, target, 1)
+    assert [e for e in kept if e.turn_id in helpful] == [e for e in plain if e.turn_id in helpful]
+    assert stats["question_targets"] == len(solved)
+    assert sum(stats["rank_histogram"].values()) == 2 * len(turns), "the question's own search is not a sample"
+
+
+def test_the_question_as_target_is_refused_where_it_cannot_work(retriever, data_cfg):
+    turn = next(iter(read_jsonl_turns(f"{data_cfg.dir}/train.jsonl")))
+    scorer = RetrievalScorer(retriever)
+    with pytest.raises(ConfigError, match="warmup.solved_turn_target=question works with response_format=rewrite_only"):
+        distill([(turn, [response(turn.rewrite)])], scorer.best_ranks, lambda t: "p", 1, solved_turn_target="question")
+    with pytest.raises(ConfigError, match="warmup.solved_turn_target must be one of sample, question, got 'copy'"):
+        distill([(turn, [])], scorer.best_ranks, lambda t: "p", 1, "rewrite_only", solved_turn_target="copy")
 
 
 def test_only_response_tokens_carry_loss(tokenizer):
