@@ -4,10 +4,12 @@
 #   VARIANTS="name:key=value,key=value name2:..." bash bench/holdout_experiment_device.sh SECONDS SEED [SEED ...]
 #   (SEP=';' separates a variant's overrides by ';' instead, for values that hold commas, e.g. rl.rewards=[...])
 #
-# For each seed, one warm-up (`train.py experiment=pack_smollm2 stage=warmup`), then every variant's pipeline from
-# that warm-up (its folder is copied in, so the pipeline skips the stage): GRPO with the variant's overrides, then
-# the table on holdout_val (where settings are chosen), holdout_test and CAsT dev. The untuned and warm-up rows are
-# evaluated in the first variant only (UNTUNED_ROW=false leaves the untuned row out: it does not depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
+# For each seed, one warm-up (`train.py experiment=pack_smollm2 stage=warmup`) per distinct set of `warmup.*`
+# overrides among the variants (most share the plain one), then every variant's pipeline from its warm-up (the
+# folder is copied in, so the pipeline skips the stage): GRPO with the variant's overrides, then the table on
+# holdout_val (where settings are chosen), holdout_test and CAsT dev. The warm-up row is evaluated in the first
+# variant of each warm-up, the untuned row in the first variant only (UNTUNED_ROW=false leaves it out: it does not
+# depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
 # Expects what bench/pack_experiment_device.sh expects (wheels in /tmp/site, the pack in /tmp/data, the GGUF).
 # COMMON="key=value ..." adds overrides to every run, the warm-ups included (e.g. model.gradient_checkpointing=false).
 # Every run is stopped with SIGTERM (it saves its current step) SECONDS after the start; calling again resumes.
@@ -40,21 +42,50 @@ train() {  # train GPU RUN_DIR LOG [key=value ...]: one train.py call, stopped a
     trainer.accelerator=gpu "${common[@]}" "$@" >>"$log" 2>&1
 }
 
-run_seed() {  # run_seed INDEX SEED: its warm-up, then its variants side by side
-  local index=$1 seed=$2
-  train $((index % gpus)) "$runs/warm$seed" "$runs/warm$seed.log" "seed=$seed" stage=warmup || return
-  [ -f "$runs/warm$seed/warmup/adapter/adapter_model.safetensors" ] || return
-  local v=0
+warmup_overrides() {  # warmup_overrides OVERRIDES: the variant's warmup.* overrides, joined by the separator
+  local -a args
+  local kept=""
+  IFS="${SEP:-,}" read -r -a args <<<"$1"
+  for arg in "${args[@]}"; do
+    [[ $arg == warmup.* ]] && kept+="$arg${SEP:-,}"
+  done
+  printf %s "$kept"
+}
+
+warm_dir() {  # warm_dir SEED WARMUP_OVERRIDES: the plain warm-up's folder, or one named after its overrides
+  if [ -z "$2" ]; then echo "$runs/warm$1"; else echo "$runs/warm$1-$(printf %s "$2" | md5sum | cut -c1-8)"; fi
+}
+
+run_seed() {  # run_seed INDEX SEED: its warm-ups side by side, then its variants side by side
+  local index=$1 seed=$2 k=0 v=0
+  local -A warmups=() evaluated=()
+  for variant in "${variants[@]}"; do
+    local extra
+    extra=$(warmup_overrides "${variant#*:}")
+    warmups["$(warm_dir "$seed" "$extra")"]=$extra
+  done
+  for warm in "${!warmups[@]}"; do
+    local -a wargs
+    IFS="${SEP:-,}" read -r -a wargs <<<"${warmups[$warm]}"
+    train $(((index + k) % gpus)) "$warm" "$warm.log" "seed=$seed" stage=warmup "${wargs[@]}" &
+    k=$((k + 1))
+  done
+  wait
   for variant in "${variants[@]}"; do
     local name=${variant%%:*} overrides=${variant#*:}
-    local run_dir="$runs/$name-seed$seed" first=$([ $v -eq 0 ] && echo true || echo false)
+    local run_dir="$runs/$name-seed$seed" warm
+    warm=$(warm_dir "$seed" "$(warmup_overrides "$overrides")")
+    local untuned=$([ $v -eq 0 ] && [ "${UNTUNED_ROW:-true}" = true ] && echo true || echo false)
+    local warm_row=$([ -z "${evaluated[$warm]:-}" ] && echo true || echo false)
+    evaluated[$warm]=1
+    v=$((v + 1))
+    [ -f "$warm/warmup/adapter/adapter_model.safetensors" ] || continue  # not trained before the deadline
     mkdir -p "$run_dir"
-    [ -d "$run_dir/warmup" ] || cp -r "$runs/warm$seed/warmup" "$run_dir/warmup"
+    [ -d "$run_dir/warmup" ] || cp -r "$warm/warmup" "$run_dir/warmup"
     local -a args
     IFS="${SEP:-,}" read -r -a args <<<"$overrides"  # SEP=';' when an override holds commas (a list)
-    train $(((index * ${#variants[@]} + v) % gpus)) "$run_dir" "$run_dir.log" "seed=$seed" \
-      "eval.untuned_row=$([ "${UNTUNED_ROW:-true}" = true ] && echo "$first" || echo false)" "eval.warmup_row=$first" "${args[@]}" &
-    v=$((v + 1))
+    train $(((index * ${#variants[@]} + v - 1) % gpus)) "$run_dir" "$run_dir.log" "seed=$seed" \
+      "eval.untuned_row=$untuned" "eval.warmup_row=$warm_row" "${args[@]}" &
   done
   wait
 }
