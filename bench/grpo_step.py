@@ -135,6 +135,9 @@ def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     parser.add_argument("--entropy-coef", type=float, default=0.0, help="rl.entropy_coef (0: no entropy pass)")
     parser.add_argument("--logprob-chunk-size", type=int, default=None, help="rl.logprob_chunk_size (none: off)")
+    parser.add_argument(
+        "--no-upcast", action="store_true", help="model.upcast_non_quantized=false: norms, embeddings, LM head in bf16"
+    )
     return parser
 
 
@@ -180,6 +183,7 @@ def workload_config(args, model_cfg):
     )
     cfg.model = model_cfg
     cfg.model.max_prompt_length = args.max_prompt
+    cfg.model.upcast_non_quantized = not args.no_upcast
     return cfg
 
 

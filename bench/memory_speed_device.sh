@@ -11,6 +11,7 @@
 # With the wheels and data not yet under /tmp/site and DATA: first a call carrying .gpu_whl that runs
 # `bash bench/prepare_device_carry.sh --install`, then this one carrying .benchdata (it installs the data first;
 # both folders in one call exceed the 64 MiB a call carries). They are built here by bench/prepare_device_carry.sh. Logs and JSON summaries go to $OUT.
+# EXTRA adds options of bench/memory_speed.py to both workloads (e.g. EXTRA="--no-upcast --static-bucket 256").
 # DRY_RUN=1 runs both workloads on the CPU with the tiny model, 1 prompt, 4-token responses (checks the script only).
 set -u
 data=${1:-/tmp/data}
@@ -32,7 +33,9 @@ else
     >>"$out/gpu.txt" 2>&1
 fi
 python=${PYTHON:-python3}
-common=(--data "$data" --group 8 --fast --static --entropy-coef 0.001 --chunk-sizes "none,$chunks" --out "$out")
+read -r -a extra <<<"${EXTRA:-}"  # e.g. EXTRA="--no-upcast --static-bucket 256"
+common=(--data "$data" --group 8 --fast --static --entropy-coef 0.001 --chunk-sizes "none,$chunks" --out "$out"
+  "${extra[@]}")
 
 measure() {  # LABEL SECONDS ARGS...
   local label=$1 seconds=$2 started

@@ -6,7 +6,8 @@
 # VARIANT is one of: static (ours, fast_sampling + static_decoding), bucket (the same with the prompts padded to a
 # multiple of 256 tokens rather than to 1,536: rl.static_prompt_bucket=256), bucket_gqa (bucket, and SDPA reads the
 # grouped key/value heads itself instead of transformers repeating them: TRANSFORMERS_SDPA_FORCE_GQA=1, which
-# transformers leaves off on CUDA when a mask is given), fast (ours, fast_sampling), plain (ours,
+# transformers leaves off on CUDA when a mask is given), bucket_bf16 (bucket, with the policy's unquantized weights
+# kept in bf16: model.upcast_non_quantized=false), fast (ours, fast_sampling), plain (ours,
 # 4-bit generate), trl (TRL's GRPOTrainer). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
 # 3 steps) in its own process, stopped after SECONDS (default 300). Expects the wheels of
 # bench/prepare_device_carry.sh installed under /tmp/site. Logs and JSON summaries go to $OUT.
@@ -26,6 +27,8 @@ for item in "$@"; do
     bucket) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static --static-bucket 256) ;;
     bucket_gqa) command=(env TORCH_LOGS=recompiles TRANSFORMERS_SDPA_FORCE_GQA=1 python3 bench/grpo_step.py "${workload[@]}"
       --fast --static --static-bucket 256) ;;
+    bucket_bf16) command=(env TORCH_LOGS=recompiles python3 bench/grpo_step.py "${workload[@]}" --fast --static
+      --static-bucket 256 --no-upcast) ;;
     fast) command=(python3 bench/grpo_step.py "${workload[@]}" --fast) ;;
     plain) command=(python3 bench/grpo_step.py "${workload[@]}") ;;
     trl) command=(python3 bench/trl_grpo_step.py "${workload[@]}") ;;

@@ -144,6 +144,25 @@ def test_policy_is_4bit_lora_in_train_mode(tiny_cfg):
     assert trainable and trainable == set(lora_parameters(model))
 
 
+def unquantized_base_dtypes(model) -> set[torch.dtype]:
+    return {p.dtype for name, p in model.named_parameters() if "lora_" not in name and type(p).__name__ != "Params4bit"}
+
+
+def test_unquantized_weights_stay_in_compute_dtype_unless_upcast(tiny_cfg):
+    assert unquantized_base_dtypes(load_policy(tiny_cfg)) == {torch.float32}  # peft's QLoRA preparation
+    kept = load_policy(dataclasses.replace(tiny_cfg, upcast_non_quantized=False))
+    assert unquantized_base_dtypes(kept) == {torch.bfloat16}
+    assert {name for name, p in kept.named_parameters() if p.requires_grad} == set(lora_parameters(kept))
+
+
+def test_without_the_upcast_every_lora_parameter_trains_and_the_loss_barely_moves(tiny_cfg, tokenizer):
+    upcast = policy_with_nonzero_lora(tiny_cfg)
+    kept = policy_with_nonzero_lora(dataclasses.replace(tiny_cfg, upcast_non_quantized=False))
+    torch.testing.assert_close(training_loss(kept, tokenizer), training_loss(upcast, tokenizer), rtol=1e-2, atol=0)
+    gradients = lora_gradients(kept, tokenizer, generate_first=True)
+    assert len(gradients) == 28 and all(g is not None and g.abs().sum() > 0 for g in gradients.values())
+
+
 def test_frozen_policy_is_in_eval_mode(tiny_cfg):
     model = load_policy(tiny_cfg, trainable=False)
     assert not model.training

@@ -52,6 +52,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = True
+    upcast_non_quantized: bool = True
     adapter: str | None = None
     max_prompt_length: int = 1536
     trust_remote_code: bool = False
@@ -106,6 +107,7 @@ class ModelConfig:
             "load_in_4bit": bool,
             "compute_dtype": str,
             "gradient_checkpointing": bool,
+            "upcast_non_quantized": bool,
             "adapter": (str, type(None)),
             "max_prompt_length": int,
             "trust_remote_code": bool,
@@ -335,7 +337,9 @@ def load_policy(
 ) -> PeftModel:
     """The base model wrapped with LoRA: a fresh adapter, or the one at `adapter` (else `cfg.adapter`).
 
-    In 4-bit the base goes through `prepare_model_for_kbit_training` (norms and embeddings in float32).
+    In 4-bit the base goes through `prepare_model_for_kbit_training`, which casts the weights it leaves unquantized
+    (norms, embeddings, the LM head) to float32, so the residual stream, attention and the LM head of the loss passes
+    run in float32; `upcast_non_quantized=False` skips it and keeps them in `compute_dtype`.
     Gradient checkpointing uses non-reentrant checkpoints, which need no input-gradient hook. The model
     is returned in train mode when `trainable` (transformers 5 loads in eval mode), else in eval mode
     with every parameter frozen.
@@ -350,11 +354,11 @@ def load_policy(
     checkpointing = cfg.gradient_checkpointing and trainable
     checkpoint_kwargs = {"use_reentrant": False}
     with peft_checkpointing_warnings_silenced():
-        if cfg.load_in_4bit:
+        if cfg.load_in_4bit and cfg.upcast_non_quantized:
             base = prepare_model_for_kbit_training(
                 base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
             )
-        elif checkpointing:
+        elif checkpointing:  # the base's weights are frozen by get_peft_model / load_adapter below
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
         if checkpointing:
             # Training forwards then skip the KV cache quietly; `generate` asks for it explicitly.
