@@ -52,7 +52,7 @@ def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             for line_no, line in enumerate(handle, start=1):
                 yield line_no, check_utf8(path, line, line_no)
     except (OSError, EOFError, zlib.error) as err:
-        if opener is open:
+        if opener is open or isinstance(err, FileNotFoundError):
             raise
         raise DataError(path, f"not a readable gzip file ({err}) after line {line_no}; re-compress it") from None
 
