@@ -73,6 +73,14 @@ def test_group_advantages_pooled_divides_every_group_by_one_batch_std():
     close(group_advantages(rewards, group_size=4, scale="pooled"), centred / (pooled_std + 1e-6))
 
 
+def test_group_advantages_pooled_scale_ignores_flat_groups():
+    informative = torch.tensor([4.0, 4.0, 4.0, 3.75, 1.0, 3.0, 1.0, 3.0])
+    with_flat = torch.cat([informative, torch.full((8,), 2.0)])  # two more groups whose samples all tie
+    pooled = group_advantages(with_flat, group_size=4, scale="pooled")
+    close(pooled[:8], group_advantages(informative, group_size=4, scale="pooled"))
+    assert torch.equal(pooled[8:], torch.zeros(8))
+
+
 def test_group_advantages_pooled_keeps_a_tie_breaker_small_where_group_scaling_inflates_it():
     rewards = torch.tensor([4.0, 4.0, 4.0, 3.75, 1.0, 3.0, 1.0, 3.0])
     grouped = group_advantages(rewards, group_size=4, scale="group")
@@ -86,11 +94,12 @@ def test_group_advantages_pooled_keeps_a_tie_breaker_small_where_group_scaling_i
 def test_group_advantages_pooled_reduce_sum_gives_the_global_batch_scale():
     rewards = torch.tensor([1.0, 2.0, 0.0, 4.0, 5.0, 5.0, 2.0, 0.0])
     whole = group_advantages(rewards, group_size=2, scale="pooled")
-    halves = [rewards[:4], rewards[4:]]  # two processes, two groups each
+    halves = [rewards[:4], rewards[4:]]  # two processes, two groups each; (5, 5) is flat
 
     def all_reduce_with(other):  # sums this process's values with the other's, in the order they are asked for
         centred = group_advantages(other, group_size=2, scale="none")
-        pending = [float(centred.square().sum()), float(centred.numel())]  # the squares, then the count
+        informative = float((centred.reshape(-1, 2).abs().sum(dim=-1) > 0).sum() * 2)  # responses of unflat groups
+        pending = [float(centred.square().sum()), informative]  # the squares, then the count
         return lambda value: value + pending.pop(0)
 
     first = group_advantages(halves[0], 2, scale="pooled", reduce_sum=all_reduce_with(halves[1]))

@@ -46,9 +46,10 @@ def group_advantages(
     - "group" (GRPO): by its group's sample (unbiased, n - 1) standard deviation + eps, torch's default and what
       the reference verl implementation uses. A group whose rewards differ only by a small term then gets
       advantages as large as a group whose ranks differ.
-    - "pooled": by one standard deviation for the whole batch, sqrt(mean of the squared centred rewards) + eps, so
-      a group keeps its spread relative to the others: a tie-breaking term stays a tie-breaker. `reduce_sum` sums
-      a float over DDP processes, making the scale the global batch's.
+    - "pooled": by one standard deviation for the whole batch, the root mean square of the centred rewards of the
+      groups that are not flat (+ eps), so a group keeps its spread relative to the others: a tie-breaking term
+      stays a tie-breaker, and the scale does not grow with the share of flat groups. `reduce_sum` sums a float
+      over DDP processes, making the scale the global batch's.
     - "none": Dr. GRPO's mean-only centring.
     True and False mean "group" and "none". A group whose rewards are all equal gets exactly zero advantage.
     """
@@ -69,8 +70,8 @@ def group_advantages(
         centred = centred / (groups.std(dim=-1, keepdim=True) + eps)
     elif scale == "pooled":
         total = reduce_sum or (lambda value: value)
-        squares, count = total(float(centred.square().sum())), total(float(centred.numel()))
-        centred = centred / (math.sqrt(squares / count) + eps)
+        squares, count = total(float(centred.square().sum())), total(float((~flat).sum() * group_size))
+        centred = centred / (math.sqrt(squares / count) + eps) if count else centred
     return centred.reshape(-1)  # [B * G]
 
 
