@@ -50,6 +50,8 @@ def file_bytes(draw, objects=turn_objects) -> bytes:
     data = "".join(json.dumps(row, ensure_ascii=draw(st.booleans())) + "\n" for row in rows).encode()
     if kind == "mutated" and data:
         for _ in range(draw(st.integers(1, 4))):
+            if not data:  # an earlier mutation cut the last byte
+                break
             at = draw(st.integers(0, len(data) - 1))
             data = data[:at] + draw(st.binary(min_size=0, max_size=3)) + data[at + 1 :]
     return data
