@@ -22,6 +22,9 @@ read -r -a common <<<"${COMMON:-}"
 runs=${RUNS:-/tmp/runs}
 mkdir -p "$runs"
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+# without MLflow (logger=none) the GRPO phases' seconds would be lost: rl/curves.csv records them
+phase_curves="++callbacks.rl.training_curves.train_metrics=[train/reward_mean,train/kl,train/copy_rate,\
+time/generation,time/reward,time/reference_logprobs,time/forward_backward,time/optimizer]"
 started=$(date +%s)
 deadline=$((started + seconds))
 
@@ -39,7 +42,7 @@ train() {  # train GPU RUN_DIR LOG [key=value ...]: one train.py call, stopped a
   [ "$left" -gt 30 ] || return 1
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$threads timeout --signal=TERM --kill-after=60 "$left" \
     python3 train.py experiment=pack_smollm2 "run_dir=$run_dir" data.dir=/tmp/data logger=none \
-    trainer.accelerator=gpu "${common[@]}" "$@" >>"$log" 2>&1
+    trainer.accelerator=gpu "$phase_curves" "${common[@]}" "$@" >>"$log" 2>&1
 }
 
 warmup_overrides() {  # warmup_overrides OVERRIDES: the variant's warmup.* overrides, joined by the separator
