@@ -56,12 +56,9 @@ def below_question_term(rewrites, ranks, format_ok, turns, question_ranks, **con
     ]
 
 
-def needless_rewrite_term(rewrites, ranks, format_ok, turns, question_ranks, **context) -> list[float | None]:
-    """-1 for a well-formed rewrite that changes the question without ranking a gold passage higher than the
-    question searched as asked did (same rank-incentive value or less), 0 for a copy of the question or a rewrite
-    that gains. On a turn the question already solves, every sample may tie at rank 1 and the group's advantages
-    are zero; with this term the copies win those ties, so the policy learns to leave self-contained questions
-    alone while rewrites that help stay free."""
+def charge_changed_questions(rewrites, ranks, format_ok, turns, question_ranks, charged) -> list[float | None]:
+    """None for a malformed response, 0 for a copy of the question, and for any other rewrite -1 where
+    `charged(rank, question_rank)` holds (else 0): the shared shape of the terms that cost changing a question."""
     values: list[float | None] = []
     for rewrite, rank, ok, turn, question_rank in zip(rewrites, ranks, format_ok, turns, question_ranks, strict=True):
         if not ok:
@@ -69,9 +66,21 @@ def needless_rewrite_term(rewrites, ranks, format_ok, turns, question_ranks, **c
         elif is_copy(rewrite, turn.question):
             values.append(0.0)
         else:
-            gains = rank_incentive_reward(rank, True) > rank_incentive_reward(question_rank, True)
-            values.append(0.0 if gains else -1.0)
+            values.append(-1.0 if charged(rank, question_rank) else 0.0)
     return values
+
+
+def needless_rewrite_term(rewrites, ranks, format_ok, turns, question_ranks, **context) -> list[float | None]:
+    """-1 for a well-formed rewrite that changes the question without ranking a gold passage higher than the
+    question searched as asked did (same rank-incentive value or less), 0 for a copy of the question or a rewrite
+    that gains. On a turn the question already solves, every sample may tie at rank 1 and the group's advantages
+    are zero; with this term the copies win those ties, so the policy learns to leave self-contained questions
+    alone while rewrites that help stay free."""
+
+    def no_gain(rank, question_rank) -> bool:
+        return rank_incentive_reward(rank, True) <= rank_incentive_reward(question_rank, True)
+
+    return charge_changed_questions(rewrites, ranks, format_ok, turns, question_ranks, no_gain)
 
 
 def rewrite_when_solved_term(rewrites, ranks, format_ok, turns, question_ranks, **context) -> list[float | None]:
@@ -80,13 +89,11 @@ def rewrite_when_solved_term(rewrites, ranks, format_ok, turns, question_ranks, 
     ties on every turn, and on hard turns, where most samples miss, a copy then beats every failed rewrite: the
     policy learned to copy everywhere (bench/RESULTS.md, "Sixth session"). This term charges only where nothing can
     be gained, so on the other turns the helpful rewrites keep their whole advantage."""
-    values: list[float | None] = []
-    for rewrite, ok, turn, question_rank in zip(rewrites, format_ok, turns, question_ranks, strict=True):
-        if not ok:
-            values.append(None)
-        else:
-            values.append(-1.0 if question_rank == 1 and not is_copy(rewrite, turn.question) else 0.0)
-    return values
+
+    def question_solves(rank, question_rank) -> bool:
+        return question_rank == 1
+
+    return charge_changed_questions(rewrites, ranks, format_ok, turns, question_ranks, question_solves)
 
 
 REWARD_TERMS: dict[str, RewardTerm] = {name: rank_term(fn) for name, fn in REWARD_FUNCTIONS.items()}
