@@ -57,6 +57,7 @@ def distill(
     response_format: str = THINK_REWRITE,
     lenient: bool = False,
     solved_turn_target: str = "sample",
+    question_ranks: Callable[[list[Turn]], list[int | None]] | None = None,
 ) -> tuple[list[DistilledExample], dict]:
     """Filter sampled responses by retrieval; returns the kept examples and yield statistics.
 
@@ -68,7 +69,8 @@ def distill(
     the SFT target, so the fine-tuned model learns the exact format the RL reward checks.
 
     `solved_turn_target` ("sample" or "question", module docstring) says what a turn the question alone solves is
-    kept with; "question" needs the rewrite_only format (a think_rewrite target would need a thought the model wrote).
+    kept with; "question" needs the rewrite_only format (a think_rewrite target would need a thought the model wrote)
+    and `question_ranks(turns)`, each turn's best gold rank searched as asked (`RetrievalScorer.question_ranks`).
     """
     if lenient and response_format != REWRITE_ONLY:
         raise ConfigError("warmup.lenient_format works with response_format=rewrite_only only")
@@ -79,6 +81,8 @@ def distill(
     keep_question = solved_turn_target == "question"
     if keep_question and response_format != REWRITE_ONLY:
         raise ConfigError("warmup.solved_turn_target=question works with response_format=rewrite_only only")
+    if keep_question and question_ranks is None:
+        raise ValueError("solved_turn_target='question' needs question_ranks")
     kept: list[DistilledExample] = []
     histogram: Counter = Counter()
     turns_seen = samples_seen = format_ok_count = readable_count = question_targets = 0
@@ -93,12 +97,12 @@ def distill(
         readable_count += sum(ok)
         ranks: list[int | None] = [None] * len(parsed)
         valid = [i for i, flag in enumerate(ok) if flag]
-        queries = [parsed[i].rewrite for i in valid] + ([turn.question] if keep_question else [])
-        found = best_ranks(queries, [turn] * len(queries)) if queries else []
-        for i, rank in zip(valid, found[: len(valid)], strict=True):
-            ranks[i] = rank
+        if valid:
+            found = best_ranks([parsed[i].rewrite for i in valid], [turn] * len(valid))
+            for i, rank in zip(valid, found, strict=True):
+                ranks[i] = rank
         histogram.update(rank_bucket(r) if flag else "bad_format" for r, flag in zip(ranks, ok, strict=True))
-        question_rank = found[-1] if keep_question else None  # a copy is searched as asked (SearchPlan.as_asked)
+        question_rank = question_ranks([turn])[0] if keep_question else None
         choice = best_sample(ranks, ok, keep_rank)
         if question_rank is not None and question_rank <= keep_rank:
             question_targets += 1

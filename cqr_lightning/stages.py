@@ -198,8 +198,9 @@ def write_distilled(cfg: DictConfig, stage_dir: Path, sampled: list, tokenizer, 
         return render_prompt(tokenizer, turn, cfg.model.max_prompt_length, False, cfg.response_format)
 
     kept, stats = distill(
-        sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format, w.lenient_format, w.solved_turn_target
-    )
+        sampled, scorer.best_ranks, prompt_for, w.keep_rank, cfg.response_format, w.lenient_format,
+        w.solved_turn_target, scorer.question_ranks,
+    )  # fmt: skip
     write_jsonl(distilled_path, (example.to_json() for example in kept))
     write_json(stage_dir / "distill_stats.json", stats)
     log.info(

@@ -88,7 +88,10 @@ def test_a_turn_the_question_solves_is_kept_with_the_question_when_asked(retriev
         for t in turns
     ]
     plain, _ = distill(scripted, scorer.best_ranks, lambda t: "p", 1, "rewrite_only")
-    kept, stats = distill(scripted, scorer.best_ranks, lambda t: "p", 1, "rewrite_only", solved_turn_target="question")
+    kept, stats = distill(
+        scripted, scorer.best_ranks, lambda t: "p", 1, "rewrite_only",
+        solved_turn_target="question", question_ranks=scorer.question_ranks,
+    )  # fmt: skip
     assert {e.turn_id for e in kept} == {e.turn_id for e in plain} == solved | helpful.keys()
     by_id = {t.id: t for t in turns}
     for example in kept:
