@@ -62,10 +62,12 @@ warm_dir() {  # warm_dir SEED WARMUP_OVERRIDES: the plain warm-up's folder, or o
 run_seed() {  # run_seed INDEX SEED: its warm-ups side by side, then its variants side by side
   local index=$1 seed=$2 k=0 v=0
   local -A warmups=() evaluated=()
+  local -a warm_of=()  # each variant's warm-up folder, by the variant's index
   for variant in "${variants[@]}"; do
     local extra
     extra=$(warmup_overrides "${variant#*:}")
-    warmups["$(warm_dir "$seed" "$extra")"]=$extra
+    warm_of+=("$(warm_dir "$seed" "$extra")")
+    warmups["${warm_of[-1]}"]=$extra
   done
   for warm in "${!warmups[@]}"; do
     local -a wargs
@@ -76,8 +78,7 @@ run_seed() {  # run_seed INDEX SEED: its warm-ups side by side, then its variant
   wait
   for variant in "${variants[@]}"; do
     local name=${variant%%:*} overrides=${variant#*:}
-    local run_dir="$runs/$name-seed$seed" warm
-    warm=$(warm_dir "$seed" "$(warmup_overrides "$overrides")")
+    local run_dir="$runs/$name-seed$seed" warm=${warm_of[$v]}
     local untuned=$([ $v -eq 0 ] && [ "${UNTUNED_ROW:-true}" = true ] && echo true || echo false)
     local warm_row=$([ -z "${evaluated[$warm]:-}" ] && echo true || echo false)
     evaluated[$warm]=1
