@@ -359,7 +359,8 @@ def load_policy(
                 base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
             )
         elif checkpointing:  # the base's weights are frozen by get_peft_model / load_adapter below
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+            # gradient_checkpointing_enable: the name every transformers 5.x has (5.23 added an alias)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
         if checkpointing:
             # Training forwards then skip the KV cache quietly; `generate` asks for it explicitly.
             base.config.use_cache = False
