@@ -15,10 +15,10 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from callbacks.stop_on_sigterm import SIGTERM_EXIT_CODE
 from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
 from cqr_lightning.errors import ConfigError, user_errors_reported
 from cqr_lightning.mlflow_runs import tracked_runs
+from cqr_lightning.run_control.stop_on_sigterm import SIGTERM_EXIT_CODE
 from cqr_lightning.run_settings import check_run_settings
 
 log = logging.getLogger(__name__)

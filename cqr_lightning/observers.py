@@ -6,7 +6,8 @@ pipeline's parent run read too; the run names the stage's MLflow run (unless `lo
 passes the run id of the checkpoint it resumes. A callback entry's keys are constructor arguments; the run passes
 the stage folder, the tokenizer and the rewriter card to a callback whose constructor takes them
 (`CALLBACK_RUN_ARGUMENTS`). Callbacks that a run needs to be correct (checkpointing, StopOnSigterm,
-ValidationOnResume, StreamPositionCallback) are not here: the stages add them themselves (cqr_lightning/stages.py).
+ValidationOnResume, StreamPositionCallback, in cqr_lightning/run_control/) are not here: the stages add them
+themselves (cqr_lightning/stages.py).
 """
 
 from __future__ import annotations

@@ -26,10 +26,6 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.step_progress import step_progress_bar
-from callbacks.stop_on_sigterm import StopOnSigterm
-from callbacks.stream_position import StreamPositionCallback
-from callbacks.validation_on_resume import ValidationOnResume
 from cqr_lightning.builders import build_datamodule, build_module, build_sampler
 from cqr_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint_extras
 from cqr_lightning.distributed import gather_objects, is_main_process, per_rank_batch
@@ -38,6 +34,10 @@ from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.observers import build_callbacks, build_logger
 from cqr_lightning.preflight import check_training_inputs, evaluation_splits
 from cqr_lightning.rewriter_card import rewriter_card
+from cqr_lightning.run_control.step_progress import step_progress_bar
+from cqr_lightning.run_control.stop_on_sigterm import StopOnSigterm
+from cqr_lightning.run_control.stream_position import StreamPositionCallback
+from cqr_lightning.run_control.validation_on_resume import ValidationOnResume
 from cqr_lightning.trainer_flags import trainer_flags
 
 log = logging.getLogger(__name__)

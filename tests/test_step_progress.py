@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from callbacks.step_progress import StepProgressBar, step_progress_bar
+from cqr_lightning.run_control.step_progress import StepProgressBar, step_progress_bar
 
 
 class Stream(IterableDataset):

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.stream_position import StreamPositionCallback
 from cqr_lightning.checkpointing import AtomicCheckpointIO
 from cqr_lightning.distill import best_sample, distill
 from cqr_lightning.errors import ConfigError
@@ -18,6 +17,7 @@ from cqr_lightning.prompts import render_prompt
 from cqr_lightning.readers import read_jsonl_turns
 from cqr_lightning.retrieval.base import best_gold_rank
 from cqr_lightning.retrieval.factory import open_retriever
+from cqr_lightning.run_control.stream_position import StreamPositionCallback
 from cqr_lightning.scoring import RetrievalScorer
 from cqr_lightning.sft import IGNORE_INDEX, build_sft_batch, response_token_loss
 from data_modules.distilled import DistilledDataModule
