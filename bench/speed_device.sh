@@ -8,7 +8,9 @@
 # grouped key/value heads itself instead of transformers repeating them: TRANSFORMERS_SDPA_FORCE_GQA=1, which
 # transformers leaves off on CUDA when a mask is given), bucket_bf16 (bucket, with the policy's unquantized weights
 # kept in bf16: model.upcast_non_quantized=false), fast (ours, fast_sampling), plain (ours,
-# 4-bit generate), trl (TRL's GRPOTrainer). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
+# 4-bit generate), trl (TRL's GRPOTrainer), unsloth (the same trainer through Unsloth: its wheels from
+# `bench/prepare_device_carry.sh --unsloth-wheels`, installed under /tmp/site_unsloth; after one of ours, which builds the
+# random checkpoint). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
 # 3 steps) in its own process, stopped after SECONDS (default 300). Expects the wheels of
 # bench/prepare_device_carry.sh installed under /tmp/site. Logs and JSON summaries go to $OUT.
 set -u
@@ -32,10 +34,12 @@ for item in "$@"; do
     fast) command=(python3 bench/grpo_step.py "${workload[@]}" --fast) ;;
     plain) command=(python3 bench/grpo_step.py "${workload[@]}") ;;
     trl) command=(python3 bench/trl_grpo_step.py "${workload[@]}") ;;
+    unsloth) command=(env PYTHONPATH="/tmp/site_unsloth:$PYTHONPATH" HF_HUB_OFFLINE=1 python3 bench/trl_grpo_step.py
+      "${workload[@]}" --unsloth) ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
   started=$(date +%s)
   timeout --signal=KILL "$seconds" "${command[@]}" >"$OUT/$variant.log" 2>&1
   echo "== $variant: exit $?, $(($(date +%s) - started)) s"
-  grep -E "^step |TRL step|generated_tokens_per_s|peak_allocated|peak_reserved|Error|error" "$OUT/$variant.log" | tail -12
+  grep -E "^step |TRL step|Unsloth step|generated_tokens_per_s|peak_allocated|peak_reserved|Error|error" "$OUT/$variant.log" | tail -12
 done
