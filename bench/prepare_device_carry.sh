@@ -35,9 +35,10 @@ if [ "${1:-}" = "--unsloth-wheels" ]; then
   python=${2:-.venv/bin/python}
   grep -qx "/.gpu_whl_unsloth/" .git/info/exclude 2>/dev/null || echo "/.gpu_whl_unsloth/" >>.git/info/exclude
   mkdir -p .gpu_whl_unsloth
+  # importlib_metadata 8.7: 10.x imports lazy_importer, which TRL's GRPO trainer then lacks (seen on this CPU)
   download_wheels "$python" .gpu_whl_unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 xformers==0.0.35 \
     torchao==0.18.0 cut_cross_entropy==25.1.1 trl==1.15.0 datasets==4.8.5 tyro==1.0.17 docstring-parser typeguard \
-    diffusers==0.42.1 importlib_metadata zipp hf_transfer msgspec json5 structlog nest-asyncio typer shellingham \
+    diffusers==0.42.1 importlib_metadata==8.7.0 zipp hf_transfer msgspec json5 structlog nest-asyncio typer shellingham \
     sentencepiece protobuf
   du -sh .gpu_whl_unsloth
   exit 0
