@@ -17,7 +17,7 @@
 #   carry [.gguf_c]:              bash bench/prepare_device_carry.sh --install && bash bench/pack_experiment_device.sh 500 0 1
 # (--install installs what the call carries: the wheels, the data, or a GGUF part; the last part joins them.)
 # For the Unsloth run of bench/speed_device.sh: `bash bench/prepare_device_carry.sh --unsloth-wheels [PYTHON]` builds
-# .gpu_whl_unsloth/ (~46 MB: Unsloth 2026.10.9 and the packages it needs that the GPU image lacks, with TRL 1.15 and
+# .gpu_whl_unsloth/ (~51 MB: Unsloth 2026.10.9 and the packages it needs that the GPU image lacks, with TRL 1.15 and
 # datasets 4.8, the newest it accepts); a call carrying it runs --install, which puts them under /tmp/site_unsloth, a
 # separate folder, so that the TRL run keeps TRL 1.16.
 set -euo pipefail

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+LORA_RANK, LORA_ALPHA = 16, 32  # as conf/model/qwen2.5-3b.yaml gives our run; TRL and Unsloth get the same
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear but the head
 
 
@@ -58,8 +59,8 @@ def load_unsloth_policy(model_dir: Path, max_seq_length: int):
     )
     return FastLanguageModel.get_peft_model(
         model,
-        r=16,
-        lora_alpha=32,
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         use_gradient_checkpointing="unsloth",
@@ -132,7 +133,7 @@ def main() -> None:
     else:
         model = load_base_model(model_cfg)
         peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
         )
     label = "Unsloth" if args.unsloth else "TRL"
     times = step_times(label)

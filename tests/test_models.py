@@ -152,7 +152,7 @@ def test_unquantized_weights_stay_in_compute_dtype_unless_upcast(tiny_cfg):
     assert unquantized_base_dtypes(load_policy(tiny_cfg)) == {torch.float32}  # peft's QLoRA preparation
     kept = load_policy(dataclasses.replace(tiny_cfg, upcast_non_quantized=False))
     assert unquantized_base_dtypes(kept) == {torch.bfloat16}
-    assert kept.base_model.model.is_gradient_checkpointing  # model.gradient_checkpointing holds without the upcast
+    assert kept.base_model.model.is_activation_checkpointing  # model.gradient_checkpointing holds without the upcast
     assert {name for name, p in kept.named_parameters() if p.requires_grad} == set(lora_parameters(kept))
 
 

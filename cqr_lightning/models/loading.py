@@ -410,8 +410,9 @@ def load_adapter(
 
 @contextmanager
 def peft_checkpointing_warnings_silenced():
-    """peft still calls transformers' old gradient-checkpointing names, which warn on every model load: harmless
-    (the new names do the same) and not ours to fix, so they are hidden here and only here."""
+    """peft still calls transformers' old gradient-checkpointing names, which warn on every model load, and so does
+    `load_policy` without the upcast (the GPU image's transformers 5.17 has only the old name): harmless (the new
+    names do the same), so they are hidden here and only here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", PEFT_CHECKPOINTING_NAMES, FutureWarning)
         yield
