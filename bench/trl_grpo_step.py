@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-LORA_RANK, LORA_ALPHA = 16, 32  # as conf/model/qwen2.5-3b.yaml gives our run; TRL and Unsloth get the same
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linear but the head
 
 
@@ -46,8 +45,8 @@ def step_times(label: str):
     return StepTimes()
 
 
-def load_unsloth_policy(model_dir: Path, max_seq_length: int):
-    """Unsloth's NF4 base with its LoRA (r=16, alpha 32, every linear layer), as GRPOTrainer gets it."""
+def load_unsloth_policy(model_dir: Path, max_seq_length: int, rank: int, alpha: int):
+    """Unsloth's NF4 base with its LoRA on every linear layer, as GRPOTrainer gets it."""
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
@@ -59,8 +58,8 @@ def load_unsloth_policy(model_dir: Path, max_seq_length: int):
     )
     return FastLanguageModel.get_peft_model(
         model,
-        r=LORA_RANK,
-        lora_alpha=LORA_ALPHA,
+        r=rank,
+        lora_alpha=alpha,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         use_gradient_checkpointing="unsloth",
@@ -127,13 +126,14 @@ def main() -> None:
         use_vllm=False,
         shuffle_dataset=False,
     )
+    lora = model_cfg.lora  # our run's LoRA (conf/model/qwen2.5-3b.yaml): r 16, alpha 32
     if args.unsloth:
-        model = load_unsloth_policy(args.model_dir, args.max_prompt + args.response)
+        model = load_unsloth_policy(args.model_dir, args.max_prompt + args.response, lora.r, lora.alpha)
         peft_config = None  # the model carries its LoRA already
     else:
         model = load_base_model(model_cfg)
         peft_config = LoraConfig(
-            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
         )
     label = "Unsloth" if args.unsloth else "TRL"
     times = step_times(label)
