@@ -8,8 +8,8 @@
 # overrides among the variants (most share the plain one), then every variant's pipeline from its warm-up (the
 # folder is copied in, so the pipeline skips the stage): GRPO with the variant's overrides, then the table on
 # holdout_val (where settings are chosen), holdout_test and CAsT dev. The warm-up row is evaluated in the first
-# variant of each warm-up, the untuned row in the first variant only (UNTUNED_ROW=false leaves it out: it does not
-# depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
+# variant of each warm-up (WARMUP_ROW=false leaves it out), the untuned row in the first variant only
+# (UNTUNED_ROW=false leaves it out: it does not depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
 # Expects what bench/pack_experiment_device.sh expects (wheels in /tmp/site, the pack in /tmp/data, the GGUF).
 # COMMON="key=value ..." adds overrides to every run, the warm-ups included (e.g. model.gradient_checkpointing=false).
 # Every run is stopped with SIGTERM (it saves its current step) SECONDS after the start; calling again resumes.
@@ -80,7 +80,7 @@ run_seed() {  # run_seed INDEX SEED: its warm-ups side by side, then its variant
     local name=${variant%%:*} overrides=${variant#*:}
     local run_dir="$runs/$name-seed$seed" warm=${warm_of[$v]}
     local untuned=$([ $v -eq 0 ] && [ "${UNTUNED_ROW:-true}" = true ] && echo true || echo false)
-    local warm_row=$([ -z "${evaluated[$warm]:-}" ] && echo true || echo false)
+    local warm_row=$([ -z "${evaluated[$warm]:-}" ] && [ "${WARMUP_ROW:-true}" = true ] && echo true || echo false)
     evaluated[$warm]=1
     v=$((v + 1))
     [ -f "$warm/warmup/adapter/adapter_model.safetensors" ] || continue  # not trained before the deadline

@@ -86,6 +86,9 @@ def build_rewriter(cfg: DictConfig):
             few_shot=cfg.rewriter.few_shot,
             prefill=cfg.rewriter.get("prefill_response", False),
             lenient=cfg.rewriter.get("lenient_format", False),
+            num_samples=int(cfg.rewriter.get("num_samples", 1)),  # an adapter card older than the setting has none
+            temperature=float(cfg.rewriter.get("temperature", 1.0)),
+            seed=int(cfg.get("seed", 0)),
         )
     raise ValueError(f"unknown rewriter '{name}': use raw, history, human, file or model")
 
@@ -115,7 +118,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     rewriter = build_rewriter(cfg)
     rewrites = rewrite_all(rewriter, turns, int(cfg.rewriter.get("batch_size", 256)))
     plan = SearchPlan.from_config(cfg.get("search"))
-    queries = [r.query for r in rewrites]  # the retriever cuts them to retriever.max_query_words
+    queries = [r.searched for r in rewrites]  # the retriever cuts them to retriever.max_query_words
     with open_retriever(cfg.retriever, cfg.data.corpus) as retriever:
         results = score_turns(turns, queries, retriever, plan, k=int(cfg.retriever.get("k", 100)))
     for result, rewrite in zip(results, rewrites, strict=True):
@@ -126,6 +129,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     # the share of turns searched with the question as asked (first turns, copies, missing rewrites)
     metrics["copy_rate"] = sum(r.as_asked for r in results) / len(results)
     metrics["query_mode"] = plan.query_mode
+    metrics["rewrites_per_turn"] = 1 + max((len(r.samples) for r in rewrites), default=0)
     metrics["seconds"] = time.perf_counter() - started
     write_json(output_dir / "metrics.json", metrics)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # as run, adapter settings included

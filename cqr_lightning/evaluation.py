@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics, per_query_metrics
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.base import Retriever, SearchHit, best_gold_rank
-from cqr_lightning.search import SearchPlan
+from cqr_lightning.search import SearchPlan, TurnRewrites, as_tuple
 
 SHARE_NAMES = ("format_ok", "copy_rate")  # shares of turns that some results carry besides the metrics
 
@@ -25,6 +25,7 @@ class TurnResult:
     response: str | None = None
     format_ok: bool | None = None
     top_scores: list[float] = field(default_factory=list)  # the retriever's (or fused) scores of top_ids
+    samples: list[str] = field(default_factory=list)  # further sampled rewrites searched beside `rewrite`
 
     def to_json(self) -> dict:
         return {
@@ -34,6 +35,7 @@ class TurnResult:
             "as_asked": self.as_asked,
             "best_rank": self.best_rank,
             "top10": self.top_ids[:10],
+            **({"samples": self.samples} if self.samples else {}),
             **({"response": self.response, "format_ok": self.format_ok} if self.response is not None else {}),
             **self.metrics,
         }
@@ -49,7 +51,7 @@ def check_unique_ids(turns: Sequence[Turn]) -> None:
 
 
 def results_from_rankings(
-    turns: Sequence[Turn], rewrites: Sequence[str | None], rankings: Sequence[Sequence[SearchHit]], plan: SearchPlan
+    turns: Sequence[Turn], rewrites: Sequence[TurnRewrites], rankings: Sequence[Sequence[SearchHit]], plan: SearchPlan
 ) -> list[TurnResult]:
     """Per-turn results of rankings already searched for `rewrites` under `plan`."""
     check_unique_ids(turns)
@@ -63,7 +65,8 @@ def results_from_rankings(
             top_ids=ids[turn.id],
             top_scores=[hit.score for hit in hits],
             metrics=metrics.get(turn.id, {}),
-            rewrite=rewrite,
+            rewrite=(as_tuple(rewrite) or (None,))[0],
+            samples=list(as_tuple(rewrite)[1:]),
             as_asked=plan.as_asked(turn, rewrite),
         )
         for turn, rewrite, hits in zip(turns, rewrites, rankings, strict=True)
@@ -72,13 +75,14 @@ def results_from_rankings(
 
 def score_turns(
     turns: Sequence[Turn],
-    rewrites: Sequence[str | None],
+    rewrites: Sequence[TurnRewrites],
     retriever: Retriever,
     plan: SearchPlan | None = None,
     k: int = 100,
     batch_size: int = 256,
 ) -> list[TurnResult]:
-    """Search every turn with its rewrite as the plan says and score the ranking against the turn's positives."""
+    """Search every turn with its rewrite (or rewrites) as the plan says and score the ranking against the turn's
+    positives."""
     from cqr_lightning.search import search_turns
 
     plan = plan or SearchPlan()

@@ -4,9 +4,10 @@
 
 `input` is a JSONL file of turns in the project's format (README "Data format"); `positives` may be missing or
 empty. Each output line holds `id`, `question`, `rewrite` (the model's rewrite, or the question when it wrote none)
-and `query` (what would be searched under the search plan; fused queries joined by ' || '), plus `response` and
-`format_ok` for a model. The adapter's `cqr_rewriter.json` gives the base model, prompt and search plan; keys set
-on the command line win. The output can be scored later with `evaluate rewriter=file rewriter.path=OUTPUT`.
+and `query` (what would be searched under the search plan; several queries joined by ' || '), plus `response` and
+`format_ok` for a model, and `samples` (the further sampled rewrites) with `rewriter.num_samples` > 1. The
+adapter's `cqr_rewriter.json` gives the base model, prompt and search plan; keys set on the command line win. The
+output can be scored later with `evaluate rewriter=file rewriter.path=OUTPUT`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def rewrite_rows(turns: Sequence[Turn], rewrites: Sequence[Rewrite], plan: Searc
             "id": turn.id,
             "question": turn.question,
             "rewrite": rewrite.query,
-            "query": plan.describe(turn, rewrite.query),
+            "query": plan.describe(turn, rewrite.searched),
         }
+        if rewrite.samples:
+            row["samples"] = list(rewrite.samples)
         if rewrite.response is not None:
             row.update(response=rewrite.response, format_ok=rewrite.format_ok)
         yield row

@@ -18,6 +18,12 @@ class Rewrite:
     query: str
     response: str | None = None  # the model's full response, for model rewriters
     format_ok: bool | None = None
+    samples: tuple[str, ...] = ()  # further sampled rewrites (rewriter.num_samples > 1), searched beside `query`
+
+    @property
+    def searched(self) -> str | tuple[str, ...]:
+        """What the search plan gets for the turn: the rewrite, or the rewrite and its samples."""
+        return (self.query, *self.samples) if self.samples else self.query
 
 
 class RawRewriter:
@@ -58,9 +64,10 @@ class HumanRewriter:
 
 
 class FileRewriter:
-    """Rewrites saved earlier, one JSON object per line with `id` and `rewrite` (or `query`), as in an
-    evaluation's rewrites.jsonl: scores another model's rewrites, or the same rewrites against another retriever
-    or under another `search.query_mode`, without generating. A null rewrite searches the question."""
+    """Rewrites saved earlier, one JSON object per line with `id` and `rewrite` (or `query`), and optionally
+    `samples` (a list of further rewrites), as in an evaluation's rewrites.jsonl: scores another model's rewrites,
+    or the same rewrites against another retriever or under another `search.query_mode`, without generating. A
+    null rewrite searches the question."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -70,20 +77,28 @@ class FileRewriter:
         missing = [turn.id for turn in turns if turn.id not in self.queries]
         if missing:
             raise DataError(self.path, f"no query for {len(missing)} evaluated turn(s) (first: {missing[0]})")
-        return [Rewrite(self.queries[turn.id] or turn.question) for turn in turns]
+        return [
+            Rewrite(query or turn.question, samples=samples)
+            for turn in turns
+            for query, samples in [self.queries[turn.id]]
+        ]
 
 
-def read_saved_queries(path: Path) -> dict[str, str | None]:
+def read_saved_queries(path: Path) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+    """{turn id: (rewrite or None, further sampled rewrites)} from a rewrites file."""
     if not path.is_file():
         raise ConfigError(f"rewriter.path: no file at {path}")
-    queries: dict[str, str | None] = {}
+    queries: dict[str, tuple[str | None, tuple[str, ...]]] = {}
     for number, row in iter_jsonl_objects(path):
         # an evaluation's file holds the rewrite and what was searched; re-scoring searches the rewrite anew
         query = row.get("rewrite") if "rewrite" in row else row.get("query")
         readable = isinstance(query, str) or (query is None and "rewrite" in row)
         if not isinstance(row.get("id"), str) or not readable:
             raise DataError(path, 'expected an object with string "id" and "rewrite" or "query"', number)
-        queries[row["id"]] = query
+        samples = row.get("samples") or []
+        if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
+            raise DataError(path, '"samples", when present, must be a list of strings', number)
+        queries[row["id"]] = (query, tuple(samples))
     return queries
 
 
@@ -96,6 +111,10 @@ class ModelRewriter:
     For an untuned small model, `prefill` starts every response with the format's opening tag and
     `lenient` (rewrite_only) reads the rewrite from broken tags, as the warm-up's sampling does; the
     response is then still counted as a format failure unless it is well-formed.
+
+    With `num_samples` > 1 the greedy rewrite is joined by `num_samples - 1` rewrites sampled at `temperature`
+    (`Rewrite.samples`; a sample without a readable rewrite stands for the question), reproducibly from `seed`;
+    the search plan searches them all and sums their rankings. `format_ok` and the response are the greedy one's.
     """
 
     def __init__(
@@ -109,9 +128,20 @@ class ModelRewriter:
         few_shot: bool = False,
         prefill: bool = False,
         lenient: bool = False,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        seed: int = 0,
     ):
         if lenient and response_format != REWRITE_ONLY:
             raise ConfigError("rewriter.lenient_format works with rewriter.response_format=rewrite_only only")
+        if num_samples < 1 or temperature <= 0:
+            raise ConfigError(
+                f"rewriter.num_samples must be >= 1 and rewriter.temperature > 0, got {num_samples} and {temperature}"
+            )
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.seed = seed
+        self._calls = 0  # each call samples from its own seed, so batches do not repeat one random stream
         self.prefill = response_prefix(response_format) if prefill else ""
         self.lenient = lenient
         self.model = model
@@ -131,18 +161,37 @@ class ModelRewriter:
     def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
         from cqr_lightning.models.generation import generate
 
-        samples = generate(
-            self.model,
-            self.tokenizer,
-            self.prompts(turns),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            batch_size=self.batch_size,
+        prompts = self.prompts(turns)
+        greedy = generate(
+            self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
         )
+        extra: list[tuple[str, ...]] = [()] * len(turns)
+        if self.num_samples > 1:
+            n = self.num_samples - 1
+            sampled = generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=True,
+                temperature=self.temperature,
+                num_return_sequences=n,
+                batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
+                seed=self.seed + self._calls,
+            )
+            extra = [
+                tuple(self.read(sample.text)[0] or turn.question for sample in sampled[i * n : (i + 1) * n])
+                for i, turn in enumerate(turns)
+            ]
+        self._calls += 1
         rewrites = []
-        for turn, sample in zip(turns, samples, strict=True):
-            text = self.prefill + sample.text
-            parsed = parse_response(text, self.response_format)
-            rewrite = parsed.rewrite or (lenient_rewrite(text) if self.lenient else None)
-            rewrites.append(Rewrite(rewrite or turn.question, text, parsed.format_ok))
+        for turn, sample, samples in zip(turns, greedy, extra, strict=True):
+            rewrite, text, format_ok = self.read(sample.text)
+            rewrites.append(Rewrite(rewrite or turn.question, text, format_ok, samples))
         return rewrites
+
+    def read(self, generated: str) -> tuple[str | None, str, bool]:
+        """(the rewrite or None, the full response, whether it is well formed) of one generated continuation."""
+        text = self.prefill + generated
+        parsed = parse_response(text, self.response_format)
+        return parsed.rewrite or (lenient_rewrite(text) if self.lenient else None), text, parsed.format_ok

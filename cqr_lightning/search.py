@@ -9,6 +9,12 @@ One `SearchPlan` is used identically by the GRPO reward, the warm-up's filter, v
 
 With `first_turn_as_asked` a turn without history is searched with its question as asked: there is nothing to
 resolve, and a rewrite can only drift from it. A turn whose rewrite is missing is searched with its question.
+
+A turn may have several rewrites (`rewriter.num_samples`: the greedy one and sampled ones). Each is searched as
+the mode says and the rankings are combined by summing each passage's scores (within each ranking's cut: for
+BM25 the ranking of one query holding them all, for a dense retriever that of their summed vectors); under
+`fusion` the question's ranking and every rewrite's are fused by RRF. A rewrite that repeats the question counts
+as the question, so the samples vote on how much of the question's own ranking to keep.
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ from cqr_lightning.retrieval.base import Retriever, SearchHit
 
 REWRITE, QUESTION_REWRITE, FUSION = "rewrite", "question_rewrite", "fusion"
 QUERY_MODES = (REWRITE, QUESTION_REWRITE, FUSION)
+
+TurnRewrites = str | Sequence[str] | None  # a turn's rewrite, its several sampled rewrites, or none
+
+
+def as_tuple(rewrite: TurnRewrites) -> tuple[str, ...]:
+    """A turn's rewrites as a tuple (empty for None)."""
+    if rewrite is None:
+        return ()
+    return (rewrite,) if isinstance(rewrite, str) else tuple(rewrite)
 
 
 @dataclass(frozen=True)
@@ -48,25 +63,36 @@ class SearchPlan:
             fusion_k=int(cfg.get("fusion_k", 60)),
         )
 
-    def as_asked(self, turn: Turn, rewrite: str | None) -> bool:
-        """Whether the turn is searched with its question alone: no rewrite, a first turn, or a rewrite that
-        repeats the question word for word (`is_copy`)."""
-        if rewrite is None or (self.first_turn_as_asked and not turn.history):
+    def as_asked(self, turn: Turn, rewrite: TurnRewrites) -> bool:
+        """Whether the turn is searched with its question alone: no rewrite, a first turn, or rewrites that all
+        repeat the question word for word (`is_copy`)."""
+        rewrites = as_tuple(rewrite)
+        if not rewrites or (self.first_turn_as_asked and not turn.history):
             return True
-        return is_copy(rewrite, turn.question)
+        return all(is_copy(r, turn.question) for r in rewrites)
 
-    def queries(self, turn: Turn, rewrite: str | None) -> list[str]:
-        """The one or two queries searched for the turn (two only for fusion; their rankings are fused)."""
+    def queries(self, turn: Turn, rewrite: TurnRewrites) -> list[str]:
+        """The queries searched for the turn: one per rewrite (their rankings summed), or under fusion the
+        question and each rewrite that is not a copy (their rankings fused by RRF)."""
         if self.as_asked(turn, rewrite):
             return [turn.question]
-        if self.query_mode == QUESTION_REWRITE:
-            return [f"{turn.question} {rewrite}"]
+        rewrites = as_tuple(rewrite)
         if self.query_mode == FUSION:
-            return [turn.question, rewrite]
-        return [rewrite]
+            return [turn.question, *(r for r in rewrites if not is_copy(r, turn.question))]
+        if self.query_mode == QUESTION_REWRITE:
+            return [turn.question if is_copy(r, turn.question) else f"{turn.question} {r}" for r in rewrites]
+        return [turn.question if is_copy(r, turn.question) else r for r in rewrites]
 
-    def describe(self, turn: Turn, rewrite: str | None) -> str:
-        """The searched text as one line, for logs and rewrites.jsonl (fused queries joined by ' || ')."""
+    def combine(self, rankings: Sequence[Sequence[SearchHit]], depth: int = 100) -> list[SearchHit]:
+        """One ranking from the rankings of `queries`: RRF under fusion, else the sum of each passage's scores."""
+        if len(rankings) == 1:
+            return list(rankings[0])[:depth]
+        if self.query_mode == FUSION:
+            return reciprocal_rank_fusion(rankings, self.fusion_k, depth)
+        return score_sum_fusion(rankings, depth)
+
+    def describe(self, turn: Turn, rewrite: TurnRewrites) -> str:
+        """The searched text as one line, for logs and rewrites.jsonl (several queries joined by ' || ')."""
         return " || ".join(self.queries(turn, rewrite))
 
 
@@ -81,8 +107,19 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[SearchHit]], k: int = 60,
     return [SearchHit(pid, scores[pid]) for pid in order[:depth]]
 
 
+def score_sum_fusion(rankings: Sequence[Sequence[SearchHit]], depth: int = 100) -> list[SearchHit]:
+    """Fuse rankings of the same retriever: score(p) = sum of p's scores over the rankings holding it (a passage
+    below a ranking's cut adds nothing there); best `depth` first, ties in the order passages were first met."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for hit in ranking:
+            scores[hit.passage_id] = scores.get(hit.passage_id, 0.0) + hit.score
+    order = sorted(scores, key=lambda pid: -scores[pid])
+    return [SearchHit(pid, scores[pid]) for pid in order[:depth]]
+
+
 def search_turns(
-    retriever: Retriever, plan: SearchPlan, turns: Sequence[Turn], rewrites: Sequence[str | None], k: int = 100
+    retriever: Retriever, plan: SearchPlan, turns: Sequence[Turn], rewrites: Sequence[TurnRewrites], k: int = 100
 ) -> list[list[SearchHit]]:
     """The ranking of each turn searched as the plan says, with one retriever call for the whole batch."""
     if len(turns) != len(rewrites):
@@ -94,5 +131,5 @@ def search_turns(
     for queries in per_turn:
         parts = runs[at : at + len(queries)]
         at += len(queries)
-        rankings.append(list(parts[0]) if len(parts) == 1 else reciprocal_rank_fusion(parts, plan.fusion_k, k))
+        rankings.append(plan.combine(parts, k))
     return rankings

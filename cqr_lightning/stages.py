@@ -401,9 +401,12 @@ def check_global_batch(n_turns: int, global_batch: int, world_size: int) -> None
 # --- evaluation after training ----------------------------------------------------------------------
 
 
-def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str | None]) -> dict[str, dict]:
+def evaluate_rewriters(
+    cfg: DictConfig, run_dir: Path, adapters: dict[str, str | None], row_rewriter: dict[str, dict] | None = None
+) -> dict[str, dict]:
     """Evaluate the raw question, the human rewrite and the model with each adapter on every evaluation split;
-    one table per split in `<run_dir>/eval/<split>/`, all of them in `eval/summary.json` ({split: {row: metrics}})."""
+    one table per split in `<run_dir>/eval/<split>/`, all of them in `eval/summary.json` ({split: {row: metrics}}).
+    `row_rewriter` gives some rows rewriter settings over `eval.rewriter` (e.g. several sampled rewrites)."""
     from cqr_lightning.evaluate import run_evaluation
     from cqr_lightning.evaluation import format_table
     from cqr_lightning.mlflow_runs import log_to_parent, stage_tags
@@ -417,6 +420,7 @@ def evaluate_rewriters(cfg: DictConfig, run_dir: Path, adapters: dict[str, str |
         rewriter = {**base["eval"]["rewriter"], "name": "model"}
         if adapter is None:  # the untuned model is asked the way the warm-up samples it
             rewriter.update(base["eval"].get("untuned") or {})
+        rewriter.update((row_rewriter or {}).get(label) or {})
         jobs.append((label, {"rewriter": rewriter, "model": {**base["model"], "adapter": adapter}}))
     tables: dict[str, dict] = {}
     for split in evaluation_splits(cfg):
@@ -457,7 +461,12 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict]:
         best = best_validated_adapter(trained.parent)
         if best is not None:
             adapters[BEST_ROW] = str(best)
-    return evaluate_rewriters(cfg, run_dir, adapters)
+    row_rewriter = {}
+    for sampled in cfg.eval.get("sampled_rows") or []:
+        label = f"after GRPO, {sampled.num_samples} rewrites at T={sampled.temperature}"
+        adapters[label] = str(trained)
+        row_rewriter[label] = {"num_samples": int(sampled.num_samples), "temperature": float(sampled.temperature)}
+    return evaluate_rewriters(cfg, run_dir, adapters, row_rewriter)
 
 
 BEST_ROW = "GRPO, best on validation"

@@ -112,6 +112,42 @@ def test_tiny_model_rewriter_through_the_command_line(fixture_data_dir, tmp_path
     assert all("response" in row for row in rows)
 
 
+def test_several_sampled_rewrites_are_searched_saved_and_scored_again_identically(fixture_data_dir, tmp_path):
+    """rewriter.num_samples=3: every turn gets the greedy rewrite and two sampled ones, reproducibly from the seed;
+    rewrites.jsonl keeps them, and rewriter=file searches them again to the same queries and figures."""
+    sampled = ["rewriter=model", "model=tiny", "rewriter.max_new_tokens=8", "rewriter.response_format=rewrite_only",
+               "rewriter.prefill_response=true", "rewriter.lenient_format=true", "logger=none"]  # fmt: skip
+    db = tmp_path / "m.db"
+
+    def rows(folder: Path) -> list[dict]:
+        return [json.loads(line) for line in (folder / "rewrites.jsonl").read_text().splitlines()]
+
+    greedy = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "g", db, *sampled))
+    three = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "s", db, *sampled, "rewriter.num_samples=3"))
+    again = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "a", db, *sampled, "rewriter.num_samples=3"))
+    assert greedy["rewrites_per_turn"] == 1 and three["rewrites_per_turn"] == 3
+    assert [r["rewrite"] for r in rows(tmp_path / "s")] == [r["rewrite"] for r in rows(tmp_path / "g")]
+    assert all(len(r["samples"]) == 2 for r in rows(tmp_path / "s")) and "samples" not in rows(tmp_path / "g")[0]
+    assert rows(tmp_path / "a") == rows(tmp_path / "s") and again == {**three, "seconds": again["seconds"]}
+    later = [r for r in rows(tmp_path / "s") if not r["as_asked"]]
+    assert later and all(len(r["query"].split(" || ")) == 3 for r in later)
+    path = f"rewriter.path={tmp_path / 's' / 'rewrites.jsonl'}"
+    rescored = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "f", db, "rewriter=file", path, "logger=none"))
+    assert {k: rescored[k] for k in METRIC_NAMES} == {k: three[k] for k in METRIC_NAMES}
+    assert [r["query"] for r in rows(tmp_path / "f")] == [r["query"] for r in rows(tmp_path / "s")]
+
+
+def test_saved_samples_that_are_not_a_list_of_strings_name_the_file_and_line(fixture_data_dir, tmp_path):
+    from cqr_lightning.errors import DataError
+
+    ids = [json.loads(line)["id"] for line in (fixture_data_dir / "dev.jsonl").read_text().splitlines()]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"id": i, "rewrite": "q", "samples": "not a list"}) + "\n" for i in ids))
+    cfg = evaluate_cfg(fixture_data_dir, tmp_path / "o", tmp_path / "m.db", "rewriter=file", f"rewriter.path={bad}")
+    with pytest.raises(DataError, match=f"{bad}:1: .*samples"):
+        run_evaluation(cfg)
+
+
 @pytest.mark.slow
 def test_a_trained_adapter_evaluates_on_another_turn_file_with_one_command(fixture_data_dir, tmp_path, monkeypatch):
     import torch

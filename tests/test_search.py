@@ -16,7 +16,7 @@ from cqr_lightning.records import Turn, Utterance
 from cqr_lightning.retrieval.base import SearchHit
 from cqr_lightning.retrieval.factory import open_retriever
 from cqr_lightning.scoring import RetrievalScorer
-from cqr_lightning.search import SearchPlan, reciprocal_rank_fusion, search_turns
+from cqr_lightning.search import SearchPlan, reciprocal_rank_fusion, score_sum_fusion, search_turns
 
 FIRST = Turn(id="c_1", history=(), question="Who invented the piano?", positives=("piano-1",))
 LATER = Turn(
@@ -81,6 +81,47 @@ def test_search_turns_fuses_the_question_and_rewrite_rankings_of_the_real_index(
     assert fused == expected
     [joined] = search_turns(retriever, SearchPlan("question_rewrite"), [turn], [rewrite], k=12)
     assert joined == retriever.search([f"{turn.question} {rewrite}"], k=12)[0]
+
+
+def test_several_rewrites_give_one_query_each_and_copies_stand_for_the_question():
+    rewrites = ("How many keys does a piano have?", "how many KEYS does it have", "piano key count")
+    q = LATER.question
+    assert SearchPlan("question_rewrite").queries(LATER, rewrites) == [f"{q} {rewrites[0]}", q, f"{q} {rewrites[2]}"]
+    assert SearchPlan("rewrite").queries(LATER, rewrites) == [rewrites[0], q, rewrites[2]]
+    assert SearchPlan("fusion").queries(LATER, rewrites) == [q, rewrites[0], rewrites[2]]
+    for mode in ("rewrite", "question_rewrite", "fusion"):
+        plan = SearchPlan(mode)
+        assert not plan.as_asked(LATER, rewrites)
+        assert plan.as_asked(LATER, ("How many keys does it have?", "how many keys does it have"))
+        assert plan.queries(FIRST, rewrites) == [FIRST.question]
+        assert plan.queries(LATER, [rewrites[0]]) == plan.queries(LATER, rewrites[0])
+
+
+def test_score_sum_fusion_adds_each_passages_scores_and_keeps_first_met_on_ties():
+    one = [SearchHit("a", 3.0), SearchHit("b", 2.0), SearchHit("c", 1.0)]
+    two = [SearchHit("c", 4.0), SearchHit("b", 1.0), SearchHit("d", 0.5)]
+    fused = score_sum_fusion([one, two], depth=3)
+    # a: 3; b: 3 (a met first); c: 5; d: 0.5 (cut)
+    assert [hit.passage_id for hit in fused] == ["c", "a", "b"]
+    assert [hit.score for hit in fused] == pytest.approx([5.0, 3.0, 3.0])
+
+
+def test_several_rewrites_on_the_real_bm25_index_rank_as_one_query_holding_them_all(retriever):
+    """BM25 adds a query's terms' scores, so summing the rankings of 'question r1' and 'question r2' ranks the
+    passages as the single query 'question r1 question r2' (every passage matched is within the cut here)."""
+    turn = Turn(
+        id="t", history=(Utterance("user", "What is the capital of Japan?"),), question="When did its tower open?",
+        positives=("tokyo-2",),
+    )  # fmt: skip
+    rewrites = ("Tokyo Tower lattice opened", "When did Tokyo Tower open to the public")
+    k = retriever.num_docs
+    [summed] = search_turns(retriever, SearchPlan("question_rewrite"), [turn], [rewrites], k=k)
+    [joined] = retriever.search([f"{turn.question} {rewrites[0]} {turn.question} {rewrites[1]}"], k=k)
+    assert [h.passage_id for h in summed] == [h.passage_id for h in joined]
+    assert [h.score for h in summed] == pytest.approx([h.score for h in joined], rel=1e-5)
+    [fused] = search_turns(retriever, SearchPlan("fusion"), [turn], [rewrites], k=12)
+    expected = reciprocal_rank_fusion(retriever.search([turn.question, *rewrites], k=12), k=60, depth=12)
+    assert fused == expected
 
 
 def test_scorer_and_evaluation_search_rewrites_the_same_way(retriever, data_cfg):

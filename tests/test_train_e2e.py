@@ -487,3 +487,15 @@ def test_the_best_row_evaluates_the_adapter_of_the_best_validated_step(fixture_d
     assert curve[best_step] == max(curve.values())
     evaluated = (run_dir / "eval" / "dev" / slug(BEST_ROW) / "config.yaml").read_text()
     assert f"adapter: {run_dir / 'rl' / 'best_adapter'}" in evaluated
+
+
+def test_sampled_rows_evaluate_the_grpo_adapter_with_several_rewrites_a_turn(fixture_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(fixture_data_dir, run_dir, tmp_path / "mlflow.db"), "pipeline.warmup=false"]
+    rows = "eval.sampled_rows=[{num_samples:3,temperature:0.7}]"
+    tables = train.run(compose_train([*overrides, "eval.untuned_row=false", rows]))
+    label = "after GRPO, 3 rewrites at T=0.7"
+    assert list(tables["dev"]) == ["raw question", "human rewrite", "after GRPO", label]
+    assert tables["dev"][label]["rewrites_per_turn"] == 3 and tables["dev"]["after GRPO"]["rewrites_per_turn"] == 1
+    evaluated = (run_dir / "eval" / "dev" / slug(label) / "config.yaml").read_text()
+    assert f"adapter: {run_dir / 'rl' / 'adapter'}" in evaluated and "num_samples: 3" in evaluated
