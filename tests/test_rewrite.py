@@ -61,6 +61,11 @@ def test_rows_hold_the_rewrite_and_what_the_plan_would_search(fixture_data_dir, 
     }
     fused = list(rewrite_rows([second], rewrites[1:], SearchPlan(query_mode="fusion")))
     assert fused[0]["query"] == "How do they share where food is? || bee dance food"
+    sampled = Rewrite("bee dance food", samples=("waggle dance", "How do they share where food is"))
+    [row] = rewrite_rows([second], [sampled], SearchPlan(query_mode="question_rewrite"))
+    assert row["samples"] == ["waggle dance", "How do they share where food is"]
+    q = second.question
+    assert row["query"] == f"{q} bee dance food || {q} waggle dance || {q}"  # a copy searches the question
 
 
 @pytest.mark.slow
