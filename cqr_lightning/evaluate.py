@@ -28,7 +28,14 @@ from cqr_lightning.preflight import check_evaluation_inputs
 from cqr_lightning.readers import split_path, turn_reader
 from cqr_lightning.records import Turn
 from cqr_lightning.rewriter_card import hydra_command_line_keys, with_adapter_card
-from cqr_lightning.rewriters import FileRewriter, HistoryRewriter, HumanRewriter, ModelRewriter, RawRewriter
+from cqr_lightning.rewriters import (
+    FileRewriter,
+    HistoryRewriter,
+    HumanRewriter,
+    ModelRewriter,
+    RawRewriter,
+    check_sampling,
+)
 from cqr_lightning.search import SearchPlan
 from cqr_lightning.trec import qrels_lines, run_lines, write_lines
 
@@ -74,6 +81,9 @@ def build_rewriter(cfg: DictConfig):
     if name == "model":
         from cqr_lightning.models.loading import load_policy, load_tokenizer
 
+        num_samples = int(cfg.rewriter.get("num_samples", 1))  # an adapter card older than the setting has none
+        temperature = float(cfg.rewriter.get("temperature", 1.0))
+        check_sampling(num_samples, temperature)  # before the model loads
         tokenizer = load_tokenizer(cfg.model)
         model = load_policy(cfg.model, adapter=cfg.model.get("adapter"), trainable=False)
         return ModelRewriter(
@@ -86,8 +96,8 @@ def build_rewriter(cfg: DictConfig):
             few_shot=cfg.rewriter.few_shot,
             prefill=cfg.rewriter.get("prefill_response", False),
             lenient=cfg.rewriter.get("lenient_format", False),
-            num_samples=int(cfg.rewriter.get("num_samples", 1)),  # an adapter card older than the setting has none
-            temperature=float(cfg.rewriter.get("temperature", 1.0)),
+            num_samples=num_samples,
+            temperature=temperature,
             seed=int(cfg.get("seed", 0)),
         )
     raise ValueError(f"unknown rewriter '{name}': use raw, history, human, file or model")

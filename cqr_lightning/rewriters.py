@@ -102,6 +102,14 @@ def read_saved_queries(path: Path) -> dict[str, tuple[str | None, tuple[str, ...
     return queries
 
 
+def check_sampling(num_samples: int, temperature: float) -> None:
+    """`rewriter.num_samples` and `rewriter.temperature` are usable (ConfigError naming them if not)."""
+    if num_samples < 1 or temperature <= 0:
+        raise ConfigError(
+            f"rewriter.num_samples must be >= 1 and rewriter.temperature > 0, got {num_samples} and {temperature}"
+        )
+
+
 class ModelRewriter:
     """A causal LM (optionally with a LoRA adapter) writing `<think>..</think>\\n<rewrite>..</rewrite>`.
 
@@ -134,10 +142,7 @@ class ModelRewriter:
     ):
         if lenient and response_format != REWRITE_ONLY:
             raise ConfigError("rewriter.lenient_format works with rewriter.response_format=rewrite_only only")
-        if num_samples < 1 or temperature <= 0:
-            raise ConfigError(
-                f"rewriter.num_samples must be >= 1 and rewriter.temperature > 0, got {num_samples} and {temperature}"
-            )
+        check_sampling(num_samples, temperature)
         self.num_samples = num_samples
         self.temperature = temperature
         self.seed = seed

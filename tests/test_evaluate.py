@@ -137,6 +137,19 @@ def test_several_sampled_rewrites_are_searched_saved_and_scored_again_identicall
     assert [r["query"] for r in rows(tmp_path / "f")] == [r["query"] for r in rows(tmp_path / "s")]
 
 
+@pytest.mark.parametrize("setting", ["rewriter.num_samples=0", "rewriter.temperature=0"])
+def test_unusable_sampling_settings_stop_before_the_model_loads(fixture_data_dir, tmp_path, setting, monkeypatch):
+    import cqr_lightning.models.loading as loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(loading, "load_tokenizer", no_load)
+    cfg = evaluate_cfg(fixture_data_dir, tmp_path / "o", tmp_path / "m.db", "rewriter=model", "model=tiny", setting)
+    with pytest.raises(ConfigError, match="rewriter.num_samples must be >= 1 and rewriter.temperature > 0"):
+        run_evaluation(cfg)
+
+
 def test_saved_samples_that_are_not_a_list_of_strings_name_the_file_and_line(fixture_data_dir, tmp_path):
     from cqr_lightning.errors import DataError
 
