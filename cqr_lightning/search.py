@@ -19,7 +19,7 @@ as the question, so the samples vote on how much of the question's own ranking t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cqr_lightning.errors import ConfigError
@@ -99,22 +99,24 @@ class SearchPlan:
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[SearchHit]], k: int = 60, depth: int = 100) -> list[SearchHit]:
     """Fuse rankings: score(p) = sum of 1 / (k + rank of p) over the rankings holding p; best `depth` first.
     Ties keep the order in which passages were first met (ranking by ranking, best first)."""
-    scores: dict[str, float] = {}
-    for ranking in rankings:
-        for rank, hit in enumerate(ranking, start=1):
-            scores[hit.passage_id] = scores.get(hit.passage_id, 0.0) + 1.0 / (k + rank)
-    order = sorted(scores, key=lambda pid: -scores[pid])  # sorted() is stable: first met wins ties
-    return [SearchHit(pid, scores[pid]) for pid in order[:depth]]
+    return _fuse(rankings, depth, lambda rank, hit: 1.0 / (k + rank))
 
 
 def score_sum_fusion(rankings: Sequence[Sequence[SearchHit]], depth: int = 100) -> list[SearchHit]:
     """Fuse rankings of the same retriever: score(p) = sum of p's scores over the rankings holding it (a passage
     below a ranking's cut adds nothing there); best `depth` first, ties in the order passages were first met."""
+    return _fuse(rankings, depth, lambda rank, hit: hit.score)
+
+
+def _fuse(
+    rankings: Sequence[Sequence[SearchHit]], depth: int, contribution: Callable[[int, SearchHit], float]
+) -> list[SearchHit]:
+    """Each passage's score is the sum of `contribution(rank, hit)` over the rankings holding it."""
     scores: dict[str, float] = {}
     for ranking in rankings:
-        for hit in ranking:
-            scores[hit.passage_id] = scores.get(hit.passage_id, 0.0) + hit.score
-    order = sorted(scores, key=lambda pid: -scores[pid])
+        for rank, hit in enumerate(ranking, start=1):
+            scores[hit.passage_id] = scores.get(hit.passage_id, 0.0) + contribution(rank, hit)
+    order = sorted(scores, key=lambda pid: -scores[pid])  # sorted() is stable: first met wins ties
     return [SearchHit(pid, scores[pid]) for pid in order[:depth]]
 
 
