@@ -81,7 +81,7 @@ def build_rewriter(cfg: DictConfig):
     if name == "model":
         from cqr_lightning.models.loading import load_policy, load_tokenizer
 
-        num_samples = int(cfg.rewriter.get("num_samples", 1))  # an adapter card older than the setting has none
+        num_samples = int(cfg.rewriter.get("num_samples", 1))  # a config saved before the setting has none
         temperature = float(cfg.rewriter.get("temperature", 1.0))
         check_sampling(num_samples, temperature)  # before the model loads
         tokenizer = load_tokenizer(cfg.model)

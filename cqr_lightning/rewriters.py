@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,7 @@ class ModelRewriter:
         check_sampling(num_samples, temperature)
         self.num_samples = num_samples
         self.temperature = temperature
-        self.seed = seed
-        self._calls = 0  # each call samples from its own seed, so batches do not repeat one random stream
+        self._call_seeds = random.Random(seed)  # each call samples from its own seed drawn from `seed`'s stream
         self.prefill = response_prefix(response_format) if prefill else ""
         self.lenient = lenient
         self.model = model
@@ -182,13 +182,12 @@ class ModelRewriter:
                 temperature=self.temperature,
                 num_return_sequences=n,
                 batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
-                seed=self.seed + self._calls,
+                seed=self._call_seeds.getrandbits(62),
             )
             extra = [
                 tuple(self.read(sample.text)[0] or turn.question for sample in sampled[i * n : (i + 1) * n])
                 for i, turn in enumerate(turns)
             ]
-        self._calls += 1
         rewrites = []
         for turn, sample, samples in zip(turns, greedy, extra, strict=True):
             rewrite, text, format_ok = self.read(sample.text)

@@ -462,10 +462,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict]:
         if best is not None:
             adapters[BEST_ROW] = str(best)
     row_rewriter = {}
-    for sampled in cfg.eval.get("sampled_rows") or []:
-        label = f"after GRPO, {sampled.num_samples} rewrites at T={sampled.temperature}"
+    for sampled in cfg.eval.get("sampled_rows") or []:  # {num_samples, temperature (default eval.rewriter's)}
+        n, temperature = int(sampled.num_samples), float(sampled.get("temperature", cfg.eval.rewriter.temperature))
+        label = f"after GRPO, {n} rewrites at T={temperature:g}"
         adapters[label] = str(trained)
-        row_rewriter[label] = {"num_samples": int(sampled.num_samples), "temperature": float(sampled.temperature)}
+        row_rewriter[label] = {"num_samples": n, "temperature": temperature}
     return evaluate_rewriters(cfg, run_dir, adapters, row_rewriter)
 
 
