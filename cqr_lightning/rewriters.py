@@ -78,11 +78,11 @@ class FileRewriter:
         missing = [turn.id for turn in turns if turn.id not in self.queries]
         if missing:
             raise DataError(self.path, f"no query for {len(missing)} evaluated turn(s) (first: {missing[0]})")
-        return [
-            Rewrite(query or turn.question, samples=samples)
-            for turn in turns
-            for query, samples in [self.queries[turn.id]]
-        ]
+        rewrites = []
+        for turn in turns:
+            query, samples = self.queries[turn.id]
+            rewrites.append(Rewrite(query or turn.question, samples=samples))
+        return rewrites
 
 
 def read_saved_queries(path: Path) -> dict[str, tuple[str | None, tuple[str, ...]]]:
@@ -184,10 +184,11 @@ class ModelRewriter:
                 batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
                 seed=self._call_seeds.getrandbits(62),
             )
-            extra = [
-                tuple(self.read(sample.text)[0] or turn.question for sample in sampled[i * n : (i + 1) * n])
-                for i, turn in enumerate(turns)
-            ]
+            per_turn: list[list[str]] = [[] for _ in turns]
+            for sample in sampled:
+                turn = turns[sample.prompt_index]
+                per_turn[sample.prompt_index].append(self.read(sample.text)[0] or turn.question)
+            extra = [tuple(texts) for texts in per_turn]
         rewrites = []
         for turn, sample, samples in zip(turns, greedy, extra, strict=True):
             rewrite, text, format_ok = self.read(sample.text)
