@@ -1,9 +1,11 @@
 """`cqr_rewriter.json`: how an adapter was trained, saved beside its weights so that it can be used as trained.
 
 The card records the base model (a portable id: the config's hub id, local folder, GGUF file or `tiny`, never a
-cache path), the prompt (response format, no few-shot example, prompt and response budgets) and the search plan
-the rewriter was trained for. Commands that load an adapter (`evaluate`, `rewrite`, `export`) start from these
-values instead of their config defaults; any key the user set on the command line wins (`command_line_keys`).
+cache path), the prompt (response format, no few-shot example, prompt and response budgets), the search plan
+the rewriter was trained for and how it is asked by default (`inference`: rewrites per turn and their sampling
+temperature, from the training config's `inference` block). Commands that load an adapter (`evaluate`, `rewrite`,
+`export`) start from these values instead of their config defaults; any key the user set on the command line wins
+(`command_line_keys`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ CONFIG_KEYS = {
     ("search", "query_mode"): "search.query_mode",
     ("search", "first_turn_as_asked"): "search.first_turn_as_asked",
     ("search", "fusion_k"): "search.fusion_k",
+    ("inference", "num_samples"): "rewriter.num_samples",
+    ("inference", "temperature"): "rewriter.temperature",
 }
 # choosing these groups on the command line sets none of their keys: `rewriter=model` is how an adapter is used
 GROUPS_THAT_SET_NO_KEYS = frozenset({"rewriter"})
@@ -41,9 +45,13 @@ GROUPS_THAT_SET_NO_KEYS = frozenset({"rewriter"})
 
 def rewriter_card(cfg: DictConfig, max_new_tokens: int) -> dict[str, Any]:
     """The card of an adapter trained under the training config `cfg` with responses of `max_new_tokens`."""
+    from cqr_lightning.rewriters import check_sampling
     from cqr_lightning.search import SearchPlan
 
     plan = SearchPlan.from_config(cfg.get("search"))
+    inference = cfg.get("inference") or {}
+    num_samples, temperature = int(inference.get("num_samples", 1)), float(inference.get("temperature", 1.0))
+    check_sampling(num_samples, temperature, prefix="inference")
     return {
         "format_version": CARD_VERSION,
         "base_model": {key: _plain(cfg.model.get(key)) for key in BASE_MODEL_KEYS},
@@ -58,6 +66,7 @@ def rewriter_card(cfg: DictConfig, max_new_tokens: int) -> dict[str, Any]:
             "first_turn_as_asked": plan.first_turn_as_asked,
             "fusion_k": plan.fusion_k,
         },
+        "inference": {"num_samples": num_samples, "temperature": temperature},
     }
 
 

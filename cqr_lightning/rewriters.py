@@ -103,11 +103,11 @@ def read_saved_queries(path: Path) -> dict[str, tuple[str | None, tuple[str, ...
     return queries
 
 
-def check_sampling(num_samples: int, temperature: float) -> None:
-    """`rewriter.num_samples` and `rewriter.temperature` are usable (ConfigError naming them if not)."""
+def check_sampling(num_samples: int, temperature: float, prefix: str = "rewriter") -> None:
+    """`<prefix>.num_samples` and `<prefix>.temperature` are usable (ConfigError naming them if not)."""
     if num_samples < 1 or temperature <= 0:
         raise ConfigError(
-            f"rewriter.num_samples must be >= 1 and rewriter.temperature > 0, got {num_samples} and {temperature}"
+            f"{prefix}.num_samples must be >= 1 and {prefix}.temperature > 0, got {num_samples} and {temperature}"
         )
 
 

@@ -128,25 +128,27 @@ def tiny_model_cfg():
     return OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
 
 
-def make_training_cfg(compute_dtype: str = "bfloat16", **search):
-    """What an adapter's card is made from: the tiny model unquantized, rewrite_only, searched as question + rewrite."""
+def make_training_cfg(compute_dtype: str = "bfloat16", inference: dict | None = None, **search):
+    """What an adapter's card is made from: the tiny model unquantized, rewrite_only, searched as question + rewrite
+    (with `inference`, the training config's `inference` block)."""
     model = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
     model.load_in_4bit = False
     model.compute_dtype = compute_dtype
     model.max_prompt_length = 200
     plan = {"query_mode": "question_rewrite", "first_turn_as_asked": True, "fusion_k": 60, **search}
-    return OmegaConf.create({"model": model, "response_format": "rewrite_only", "search": plan})
+    cfg = {"model": model, "response_format": "rewrite_only", "search": plan}
+    return OmegaConf.create(cfg if inference is None else {**cfg, "inference": inference})
 
 
-def save_tiny_rewriter(folder: Path, compute_dtype: str = "bfloat16"):
-    """A tiny-model adapter (moved away from the no-op start) saved with its tokenizer and card (8 new tokens);
-    returns its folder, the policy and the tokenizer."""
+def save_tiny_rewriter(folder: Path, compute_dtype: str = "bfloat16", inference: dict | None = None):
+    """A tiny-model adapter (moved away from the no-op start) saved with its tokenizer and card (8 new tokens;
+    `inference` as in `make_training_cfg`); returns its folder, the policy and the tokenizer."""
     import torch
 
     from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
     from cqr_lightning.rewriter_card import rewriter_card
 
-    cfg = make_training_cfg(compute_dtype)
+    cfg = make_training_cfg(compute_dtype, inference)
     policy, tokenizer = load_policy(cfg.model, trainable=False), load_tokenizer(cfg.model)
     with torch.no_grad():
         for name, weight in policy.named_parameters():

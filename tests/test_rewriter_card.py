@@ -11,6 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from cqr_lightning.errors import ConfigError
 from cqr_lightning.rewriter_card import apply_card, command_line_keys, read_card, rewriter_card
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,24 @@ def test_card_records_format_prompt_plan_and_a_portable_base_model(training_cfg)
         "max_new_tokens": 12,
     }
     assert card["search"] == {"query_mode": "question_rewrite", "first_turn_as_asked": True, "fusion_k": 20}
+    assert card["inference"] == {"num_samples": 1, "temperature": 1.0}  # a config without `inference`: greedy
+
+
+def test_card_records_how_the_rewriter_is_asked_and_evaluate_starts_from_it(training_cfg):
+    card = rewriter_card(training_cfg(inference={"num_samples": 8, "temperature": 0.7}), max_new_tokens=12)
+    assert card["inference"] == {"num_samples": 8, "temperature": 0.7}
+    evaluate_cfg = OmegaConf.create({"rewriter": {"name": "model", "num_samples": 1, "temperature": 1.0}})
+    updated, applied = apply_card(evaluate_cfg, card, frozenset({"model.adapter"}))
+    assert (updated.rewriter.num_samples, updated.rewriter.temperature) == (8, 0.7)
+    assert applied["rewriter.num_samples"] == 8
+    greedy, _ = apply_card(evaluate_cfg, card, frozenset({"rewriter.num_samples"}))  # the command line wins
+    assert (greedy.rewriter.num_samples, greedy.rewriter.temperature) == (1, 0.7)
+
+
+@pytest.mark.parametrize("inference", [{"num_samples": 0}, {"num_samples": 4, "temperature": 0.0}])
+def test_unusable_inference_settings_stop_before_training(training_cfg, inference):
+    with pytest.raises(ConfigError, match=r"inference\.num_samples must be >= 1 and inference\.temperature > 0"):
+        rewriter_card(training_cfg(inference=inference), max_new_tokens=12)
 
 
 def test_command_line_keys_name_values_and_model_choices_but_not_rewriter_model():
@@ -97,3 +116,22 @@ def test_evaluate_with_only_the_adapter_uses_its_format_prompt_and_plan(fixture_
     assert [row["response"] for row in overridden] == [row["response"] for row in rows]
     for turn, row in zip(turns, overridden, strict=True):
         assert row["query"] == (turn.question if row["as_asked"] else row["rewrite"])
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_to_be_asked_for_several_rewrites_gets_them_from_evaluate(
+    fixture_data_dir, tmp_path, rewriter_saver
+):
+    adapter, _, _ = rewriter_saver(tmp_path / "adapter", inference={"num_samples": 3, "temperature": 0.7})
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "-m", "cqr_lightning.evaluate", "data=jsonl", f"data.dir={fixture_data_dir}",
+        "rewriter=model", f"model.adapter={adapter}", f"output_dir={out}", "logger=none",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = yaml.safe_load((out / "config.yaml").read_text())
+    assert (run["rewriter"]["num_samples"], run["rewriter"]["temperature"]) == (3, 0.7)
+    rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+    assert all(len(row["samples"]) == 2 for row in rows)
+    assert json.loads((out / "metrics.json").read_text())["rewrites_per_turn"] == 3

@@ -63,7 +63,7 @@ def mlflow_runs(tracking: Path):
 def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixture_data_dir, tmp_path):
     tracking = tmp_path / "mlruns" / "mlflow.db"
     overrides = [*tiny_overrides(fixture_data_dir, tmp_path / "run", tracking), "pipeline.warmup=false"]
-    cfg = compose_train([*overrides, "eval.splits=[dev,train]"])
+    cfg = compose_train([*overrides, "eval.splits=[dev,train]", "inference.num_samples=2"])
     tables = train.run(cfg)
     run_dir = tmp_path / "run"
     assert list(tables) == ["dev", "train"]
@@ -82,6 +82,7 @@ def test_pipeline_from_the_base_model_writes_adapter_table_and_mlflow_runs(fixtu
         card = read_card(folder)
         assert card["base_model"]["name_or_path"] == "tiny" and card["prompt"]["max_new_tokens"] == 12
         assert card["prompt"]["response_format"] == cfg.response_format and (folder / "tokenizer.json").is_file()
+        assert card["inference"] == {"num_samples": 2, "temperature": 1.0}  # how `evaluate` will ask it
 
     client, runs = mlflow_runs(tracking)
     by_stage = {}
