@@ -12,6 +12,10 @@
 # (UNTUNED_ROW=false leaves it out: it does not depend on the seed). Runs share the GPUs in turn and the CPU cores evenly.
 # Expects what bench/pack_experiment_device.sh expects (wheels in /tmp/site, the pack in /tmp/data, the GGUF).
 # COMMON="key=value ..." adds overrides to every run, the warm-ups included (e.g. model.gradient_checkpointing=false).
+# KEEP_ADAPTERS=true also brings back each variant's final GRPO adapter (the rl/adapter folder: weights, card,
+# tokenizer) as adapters.tgz.part-*, for evaluating it again on a CPU (`python -m cqr_lightning.evaluate
+# rewriter=model model.adapter=...`); about 20 MB a run, so three runs at most fit beside the results (64 MiB a call).
+# A variant may be a bare name (no ':' and no overrides): the experiment's settings as they are.
 # Every run is stopped with SIGTERM (it saves its current step) SECONDS after the start; calling again resumes.
 set -u
 seconds=$1
@@ -77,7 +81,8 @@ run_seed() {  # run_seed INDEX SEED: its warm-ups side by side, then its variant
   done
   wait
   for variant in "${variants[@]}"; do
-    local name=${variant%%:*} overrides=${variant#*:}
+    local name=${variant%%:*} overrides=""
+    [[ $variant == *:* ]] && overrides=${variant#*:}
     local run_dir="$runs/$name-seed$seed" warm=${warm_of[$v]}
     local untuned=$([ $v -eq 0 ] && [ "${UNTUNED_ROW:-true}" = true ] && echo true || echo false)
     local warm_row=$([ -z "${evaluated[$warm]:-}" ] && [ "${WARMUP_ROW:-true}" = true ] && echo true || echo false)
@@ -108,4 +113,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 # may have to come back
 tar czf - --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.bin' --exclude='*.pt' --exclude='*.trec' \
   --exclude=checkpoints --exclude=mlruns -C "$runs" . | split -b 15M - "$OUT/runs.tgz.part-"
+if [ "${KEEP_ADAPTERS:-false}" = true ]; then
+  (cd "$runs" && find . -path '*-seed*/rl/adapter/*' -type f -print0 | tar czf - --null -T -) |
+    split -b 15M - "$OUT/adapters.tgz.part-"
+fi
 ls -la "$OUT"
