@@ -317,6 +317,9 @@ def test_every_config_composes_and_validates(overrides):
     assert cfg.stage in train.STAGES and cfg.rl.group_size >= 2
     if overrides == ["experiment=paper"]:
         assert (cfg.response_format, cfg.rl.max_new_tokens, cfg.retriever.name) == ("think_rewrite", 1024, "bm25")
+    if overrides == ["experiment=pack_smollm2"]:  # its table reports the adapter as its card will ask for it
+        assert [dict(row) for row in cfg.eval.sampled_rows] == [dict(cfg.inference)]
+        assert cfg.inference.num_samples > 1
 
 
 def test_rl_turn_filter_writes_the_turns_it_leaves_out_and_refuses_to_leave_none(
