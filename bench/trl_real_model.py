@@ -123,9 +123,10 @@ def main(overrides: list[str]) -> dict:
 
     from cqr_lightning.config import compose_train_config
     from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
+    from cqr_lightning.pipeline_tables import evaluate_rewriters
     from cqr_lightning.prompts import render_prompt
     from cqr_lightning.rewriter_card import rewriter_card
-    from cqr_lightning.stages import evaluate_rewriters, open_stage_retriever, stage_scorer
+    from cqr_lightning.stages import open_stage_retriever, stage_scorer
 
     cfg = compose_train_config(overrides)
     run_dir = Path(cfg.run_dir)

@@ -19,8 +19,8 @@ import train
 from callbacks.training_curves import read_curves
 from cqr_lightning.config import compose_train_config as compose_train
 from cqr_lightning.errors import ConfigError
+from cqr_lightning.pipeline_tables import BEST_ROW, slug
 from cqr_lightning.rewriter_card import read_card
-from cqr_lightning.stages import BEST_ROW, slug
 
 ROOT = Path(__file__).resolve().parent.parent
 
