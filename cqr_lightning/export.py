@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def exported_card(card: dict[str, Any] | None, dtype: str) -> dict[str, Any] | None:
-    """The card of the merged model: its own weights (plain, in `dtype`), the adapter's prompt and search plan."""
+    """The card of the merged model: its own weights (plain, in `dtype`), the adapter's prompt, search plan and
+    inference setting."""
     if card is None:
         return None
     base = {"gguf_file": None, "load_in_4bit": False, "compute_dtype": dtype}
