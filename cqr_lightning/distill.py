@@ -22,7 +22,7 @@ import lightning as L
 from cqr_lightning.distributed import sample_seed
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import ParsedResponse, lenient_rewrite, parse_response, response_prefix
-from cqr_lightning.models.generation import generate
+from cqr_lightning.models.generation import generate, texts_by_prompt
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, format_response, render_prompt
 from cqr_lightning.records import Turn
 from cqr_lightning.scoring import rank_bucket
@@ -193,8 +193,6 @@ class RewriteSampler(L.LightningModule):
             batch_size=self.batch_size,
             seed=sample_seed(self.seed, 0, batch.indices[0]),
         )
-        responses: list[list[str]] = [[] for _ in turns]
-        for sample in samples:
-            responses[sample.prompt_index].append(self.prefill + sample.text)
+        responses = [[self.prefill + text for text in texts] for texts in texts_by_prompt(samples, len(turns))]
         pairs = zip(batch.indices, turns, responses, strict=True)
         return [(index, SampledTurn(turn, texts)) for index, turn, texts in pairs]

@@ -164,7 +164,7 @@ class ModelRewriter:
         ]
 
     def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
-        from cqr_lightning.models.generation import generate
+        from cqr_lightning.models.generation import generate, texts_by_prompt
 
         prompts = self.prompts(turns)
         greedy = generate(
@@ -184,11 +184,11 @@ class ModelRewriter:
                 batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
                 seed=self._call_seeds.getrandbits(62),
             )
-            per_turn: list[list[str]] = [[] for _ in turns]
-            for sample in sampled:
-                turn = turns[sample.prompt_index]
-                per_turn[sample.prompt_index].append(self.read(sample.text)[0] or turn.question)
-            extra = [tuple(texts) for texts in per_turn]
+            per_turn = texts_by_prompt(sampled, len(turns))
+            extra = [
+                tuple(self.read(text)[0] or turn.question for text in texts)
+                for turn, texts in zip(turns, per_turn, strict=True)
+            ]
         rewrites = []
         for turn, sample, samples in zip(turns, greedy, extra, strict=True):
             rewrite, text, format_ok = self.read(sample.text)

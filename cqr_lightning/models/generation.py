@@ -32,6 +32,14 @@ class GeneratedSample:
     finish_reason: str
 
 
+def texts_by_prompt(samples: Sequence[GeneratedSample], n_prompts: int) -> list[list[str]]:
+    """Each prompt's sampled texts, in the order `generate` returned them (`generate` may interleave prompts)."""
+    texts: list[list[str]] = [[] for _ in range(n_prompts)]
+    for sample in samples:
+        texts[sample.prompt_index].append(sample.text)
+    return texts
+
+
 def _decode(tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
