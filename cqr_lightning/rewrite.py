@@ -6,8 +6,8 @@
 empty. Each output line holds `id`, `question`, `rewrite` (the model's rewrite, or the question when it wrote none)
 and `query` (what would be searched under the search plan; several queries joined by ' || '), plus `response` and
 `format_ok` for a model, and `samples` (the further sampled rewrites) with `rewriter.num_samples` > 1. The
-adapter's `cqr_rewriter.json` gives the base model, prompt and search plan; keys set on the command line win. The
-output can be scored later with `evaluate rewriter=file rewriter.path=OUTPUT`.
+adapter's `cqr_rewriter.json` gives the base model, prompt, search plan and how many rewrites to sample; keys set
+on the command line win. The output can be scored later with `evaluate rewriter=file rewriter.path=OUTPUT`.
 """
 
 from __future__ import annotations
