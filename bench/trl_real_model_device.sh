@@ -6,6 +6,10 @@
 #
 #   bash bench/trl_real_model_device.sh SEED [key=value ...]    (extra overrides go to both trainers)
 #
+# SECONDS_LIMIT (default 560) stops whatever runs at that many seconds after the start, so that the results still
+# come back within a device call; calling again on the same machine skips the phases that finished (the warm-up,
+# ours, TRL's) and starts the cut one afresh, so that its wall time stays one uninterrupted run.
+#
 # Expects what bench/holdout_experiment_device.sh expects (wheels with TRL and datasets in /tmp/site, the pack in
 # /tmp/data, the GGUF). "to adapter" = seconds from the process start to the trained adapter on disk (model
 # loading included, evaluation not). Small results are tarred to $OUT/trl_real_model.tgz.
@@ -14,6 +18,7 @@ seed=$1
 shift
 runs=${RUNS:-/tmp/trl_real}
 mkdir -p "$runs"
+deadline=$(($(date +%s) + ${SECONDS_LIMIT:-560}))
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 common=(experiment=pack_smollm2 "seed=$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu "$@")
 python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
@@ -23,22 +28,38 @@ to_adapter() {  # RUN_DIR START: seconds from START to the trained adapter's fil
   [ -f "$file" ] && echo $(($(stat -c %Y "$file") - $2)) || echo "none"
 }
 
-python3 train.py "${common[@]}" stage=warmup "run_dir=$runs/warm" >"$runs/warm.log" 2>&1
+until_deadline() {  # until_deadline COMMAND...: run it, stopped (SIGTERM, then SIGKILL) at the deadline
+  local left=$((deadline - $(date +%s)))
+  [ "$left" -gt 20 ] || { echo "no time left for: $*"; return 124; }
+  timeout --signal=TERM --kill-after=20 "$left" "$@"
+}
+
 adapter=$runs/warm/warmup/adapter
-[ -f "$adapter/adapter_model.safetensors" ] || { tail -30 "$runs/warm.log"; exit 1; }
+if [ ! -f "$adapter/adapter_model.safetensors" ]; then
+  until_deadline python3 train.py "${common[@]}" stage=warmup "run_dir=$runs/warm" >>"$runs/warm.log" 2>&1
+  [ -f "$adapter/adapter_model.safetensors" ] || { tail -30 "$runs/warm.log"; exit 1; }
+fi
 
-mkdir -p "$runs/ours" && cp -r "$runs/warm/warmup" "$runs/ours/warmup"
-started=$(date +%s)
-python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
-  >"$runs/ours.log" 2>&1
-echo "== ours: exit $?, to adapter $(to_adapter "$runs/ours" "$started") s, all $(($(date +%s) - started)) s"
-grep -E "after GRPO|searched with|Error" "$runs/ours.log" | tail -8
+if [ ! -f "$runs/ours/eval/summary.json" ]; then
+  rm -rf "$runs/ours" && mkdir -p "$runs/ours" && cp -r "$runs/warm/warmup" "$runs/ours/warmup"
+  started=$(date +%s)
+  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
+    >"$runs/ours.log" 2>&1
+  echo "== ours: exit $?, to adapter $(to_adapter "$runs/ours" "$started") s, all $(($(date +%s) - started)) s" \
+    | tee -a "$runs/times.txt"
+  grep -E "after GRPO|searched with|Error" "$runs/ours.log" | tail -8
+fi
 
-started=$(date +%s)
-python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" >"$runs/trl.log" 2>&1
-echo "== TRL: exit $?, to adapter $(to_adapter "$runs/trl" "$started") s, all $(($(date +%s) - started)) s"
-grep -E "after TRL GRPO|searched with|train_seconds|Error" "$runs/trl.log" | tail -8
+if [ -f "$runs/ours/eval/summary.json" ] && [ ! -f "$runs/trl/trl_summary.json" ]; then
+  rm -rf "$runs/trl"
+  started=$(date +%s)
+  until_deadline python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" \
+    >"$runs/trl.log" 2>&1
+  echo "== TRL: exit $?, to adapter $(to_adapter "$runs/trl" "$started") s, all $(($(date +%s) - started)) s" \
+    | tee -a "$runs/times.txt"
+  grep -E "after TRL GRPO|searched with|train_seconds|TRL step|Error" "$runs/trl.log" | tail -12
+fi
 
 cd "$runs" && find . \( -name '*.log' -o -name 'summary.json' -o -name 'trl_summary.json' -o -name 'curves.csv' \
-  -o -name 'rewrites.jsonl' -o -name 'metrics.json' \) -size -8M | tar czf "$OUT/trl_real_model.tgz" -T -
+  -o -name 'rewrites.jsonl' -o -name 'metrics.json' -o -name times.txt \) -size -8M | tar czf "$OUT/trl_real_model.tgz" -T -
 ls -la "$OUT"
