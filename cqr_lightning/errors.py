@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting to change."""
 
 
+class TrainingDiverged(ConfigError):
+    """Training produced non-finite gradients step after step; the message names the settings to change."""
+
+
 class RetrievalError(RuntimeError):
     """The retriever could not answer (missing index, JVM failure, ...)."""
 

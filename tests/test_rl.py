@@ -177,6 +177,68 @@ def test_scripted_rewards_raise_the_probability_of_the_best_response(tiny_model_
     assert response_logp(module, turn, BAD) < bad_before
 
 
+class RewardsPerStep(ScriptedScorer):
+    """Scripted rewards that change from one step to the next (the last table repeats)."""
+
+    def __init__(self, tables: list[dict[str, float]]):
+        super().__init__(tables[0])
+        self.tables = tables
+        self.calls = 0
+
+    def score(self, turns, responses):
+        self.rewards = self.tables[min(self.calls, len(self.tables) - 1)]
+        self.calls += 1
+        return super().score(turns, responses)
+
+
+class LoraAfterEachStep(L.Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append(lora_state(pl_module.policy))
+
+
+# advantages of +-1e38 (no scaling): the gradient's norm overflows float32 (each entry stays finite)
+OVERFLOW = {GOOD: 1e38, BAD: -1e38}
+# an infinite reward (which the scorer's reward terms refuse, but a scripted scorer does not): NaN advantages and
+# gradients, which clipping would spread into every LoRA weight
+NAN_GRADIENT = {GOOD: float("inf"), BAD: 0.0}
+
+
+@pytest.mark.parametrize("failing", [OVERFLOW, NAN_GRADIENT], ids=["overflow", "nan"])
+def test_a_step_with_a_non_finite_gradient_changes_nothing_and_training_goes_on(
+    failing, tiny_model_cfg, tokenizer, data_cfg, tmp_path
+):
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    before = lora_state(policy)
+    module = scripted_module(policy, tokenizer, [GOOD, BAD], kl_beta=0.0, scale_advantages="none")
+    after_step = LoraAfterEachStep()
+    trainer = fit(module, data_cfg, [RewardsPerStep([failing, {GOOD: 1.0, BAD: 0.0}]), after_step], 2, tmp_path)
+    assert trainer.global_step == 2
+    first, second = after_step.states
+    assert all(torch.equal(before[name], first[name]) for name in before), "the overflowing step moved the adapter"
+    assert all(torch.isfinite(v).all() for v in second.values())
+    assert any(not torch.equal(first[name], second[name]) for name in first), "the next step did not train"
+    assert trainer.callback_metrics["train/skipped_updates"] == 1
+    assert module.nonfinite_in_a_row == 0
+
+
+def test_non_finite_gradients_step_after_step_stop_training_naming_the_settings(
+    tiny_model_cfg, tokenizer, data_cfg, tmp_path
+):
+    from cqr_lightning.errors import TrainingDiverged
+
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    before = lora_state(policy)
+    module = scripted_module(
+        policy, tokenizer, [GOOD, BAD], kl_beta=0.0, scale_advantages="none", max_nonfinite_updates=1
+    )
+    with pytest.raises(TrainingDiverged, match=r"GRPO step 2: .* for 2 steps in a row.*rl\.lr.*max_nonfinite_updates"):
+        fit(module, data_cfg, [RewardsPerStep([OVERFLOW])], 4, tmp_path)
+    assert all(torch.equal(before[name], param) for name, param in lora_state(policy).items())
+
+
 def test_reward_callback_gives_spec_values_on_the_fixture_corpus(retriever, data_cfg):
     from cqr_lightning.readers import read_jsonl_turns
 
