@@ -28,8 +28,14 @@ def test_default_terms_sum_to_the_spec_reward():
 def test_weights_scale_each_term_and_none_counts_as_zero():
     values = {"a": [1.0, None, 2.0], "b": [0.5, 0.5, None]}
     assert combine_terms(values, {"a": 2.0, "b": -1.0}) == [1.5, -0.5, 4.0]
-    with pytest.raises(ValueError, match="different lengths"):
+    with pytest.raises(ValueError, match="different lengths \\('a': 1, 'b': 2\\)"):
         combine_terms({"a": [1.0], "b": [1.0, 2.0]}, {"a": 1.0, "b": 1.0})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_term_returning_a_non_finite_value_is_named(value):
+    with pytest.raises(ValueError, match=f"reward term 'mine' returned {value!r} for response 1 of 3"):
+        combine_terms({"format": [0.0, 0.0, -0.1], "mine": [1.0, value, None]}, {"format": 1.0, "mine": 1.0})
 
 
 def test_bad_reward_settings_name_the_setting():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,9 +145,18 @@ def weighted_terms(entries) -> list[WeightedTerm]:
 
 
 def combine_terms(values: dict[str, list[float | None]], weights: dict[str, float]) -> list[float]:
-    """sum over terms of weight * value per response; None counts as 0."""
+    """sum over terms of weight * value per response; None counts as 0. A term that returns a list of the wrong
+    length or a value that is not a finite number stops training, naming the term (`rl.rewards`)."""
     lengths = {len(v) for v in values.values()}
     if len(lengths) != 1:
-        raise ValueError(f"reward terms returned lists of different lengths: {sorted(lengths)}")
+        sizes = ", ".join(f"'{name}': {len(vals)}" for name, vals in values.items())
+        raise ValueError(f"rl.rewards: the reward terms returned lists of different lengths ({sizes})")
     (n,) = lengths
+    for name, vals in values.items():
+        bad = next((i for i, v in enumerate(vals) if v is not None and not math.isfinite(v)), None)
+        if bad is not None:
+            raise ValueError(
+                f"rl.rewards: the reward term '{name}' returned {vals[bad]!r} for response {bad} of {n}; a term must "
+                "return finite numbers (or None for no opinion)"
+            )
     return [sum(weights[name] * (vals[i] or 0.0) for name, vals in values.items()) for i in range(n)]
