@@ -37,6 +37,22 @@ QWEN25_3B = dict(
 )
 
 
+# SmolLM2-135M-Instruct's architecture (the pack experiment's model), for the step at the real run's size
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rope_theta=100_000.0,
+    rms_norm_eps=1e-5,
+)
+SHAPES = {"qwen2.5-3b": ("Qwen2Config", QWEN25_3B), "smollm2-135m": ("LlamaConfig", SMOLLM2_135M)}
+
+
 def build_tokenizer(corpus: Path, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -56,17 +72,19 @@ def build_tokenizer(corpus: Path, out: Path):
     fast.save_pretrained(out)
 
 
-def build_model_dir(data: Path, out: Path) -> Path:
-    """A random Qwen2.5-3B-shaped checkpoint with the bench tokenizer, saved once."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def build_model_dir(data: Path, out: Path, shape: str = "qwen2.5-3b") -> Path:
+    """A random checkpoint of the shape's architecture (`SHAPES`) with the bench tokenizer, saved once."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(data / "corpus.jsonl", out)
     torch.manual_seed(0)
+    config_class, dims = SHAPES[shape]
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_3B), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**dims), dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
     torch.cuda.empty_cache()
@@ -114,7 +132,8 @@ def workload_parser() -> argparse.ArgumentParser:
     """The workload's settings, shared with bench/trl_grpo_step.py so both measure the same thing."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True, help="folder with corpus.jsonl and dev.jsonl")
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen25-3b-random"))
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b", help="the random model's architecture")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: /tmp/<shape>-random")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--response", type=int, default=256)
@@ -138,13 +157,20 @@ def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-upcast", action="store_true", help="model.upcast_non_quantized=false: norms, embeddings, LM head in bf16"
     )
+    parser.add_argument("--no-grad-ckpt", action="store_true", help="model.gradient_checkpointing=false")
     return parser
 
 
+def model_dir_of(args) -> Path:
+    """--model-dir, or /tmp/<shape>-random (e.g. /tmp/qwen25-3b-random)."""
+    return args.model_dir or Path(f"/tmp/{args.shape.replace('.', '')}-random")
+
+
 def qwen_model_config(args):
-    """conf/model/qwen2.5-3b.yaml pointed at the random checkpoint (built on first use)."""
-    model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen2.5-3b.yaml")
-    model_cfg.name_or_path = str(build_model_dir(args.data, args.model_dir))
+    """conf/model/<shape>.yaml (qwen2.5-3b or smollm2-135m) pointed at the random checkpoint (built on first use)."""
+    shape, model_dir = args.shape, model_dir_of(args)
+    model_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / f"{shape}.yaml")
+    model_cfg.name_or_path = str(build_model_dir(args.data, model_dir, shape))
     model_cfg.max_prompt_length = args.max_prompt
     return model_cfg
 
@@ -184,6 +210,8 @@ def workload_config(args, model_cfg):
     cfg.model = model_cfg
     cfg.model.max_prompt_length = args.max_prompt
     cfg.model.upcast_non_quantized = not args.no_upcast
+    if getattr(args, "no_grad_ckpt", False):
+        cfg.model.gradient_checkpointing = False
     return cfg
 
 
@@ -228,7 +256,7 @@ def main() -> None:
     trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=args.prompts))
     timed = timings.steps[1:] or timings.steps
     summary = {
-        "workload": vars(args) | {"data": str(args.data), "model_dir": str(args.model_dir), "out": str(args.out)},
+        "workload": vars(args) | {"data": str(args.data), "model_dir": str(model_dir_of(args)), "out": str(args.out)},
         "device": torch.cuda.get_device_name(),
         "steps_timed": len(timed),
         "mean": {k: sum(s[k] for s in timed) / len(timed) for k in timed[0]},
@@ -243,7 +271,9 @@ def main() -> None:
     trained = sequences * (mean["train/response_tokens"])
     summary["trained_tokens_per_s"] = trained / (mean["time/forward_backward"] + mean.get("time/reference_logprobs", 0))
     args.out.mkdir(parents=True, exist_ok=True)
-    variant = ("_fast" if args.fast else "") + ("_static" if args.static else "")
+    variant = f"_{args.shape}" if args.shape != "qwen2.5-3b" else ""
+    variant += ("_fast" if args.fast else "") + ("_static" if args.static else "")
+    variant += f"_mb{args.micro_batch}" + ("_nockpt" if args.no_grad_ckpt else "")
     variant += f"_bucket{args.static_bucket}" if args.static and args.static_bucket else ""
     variant += f"_chunk{args.logprob_chunk_size}" if args.logprob_chunk_size else ""
     name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{variant}.json"

@@ -68,11 +68,12 @@ def load_unsloth_policy(model_dir: Path, max_seq_length: int, rank: int, alpha: 
 
 
 def main() -> None:
-    from grpo_step import workload_parser  # bench/ is the script's folder, so it is importable
+    from grpo_step import model_dir_of, workload_parser  # bench/ is the script's folder, so it is importable
 
     parser = workload_parser()
     parser.add_argument("--unsloth", action="store_true", help="Unsloth's loading and LoRA, and its patched trainer")
     args = parser.parse_args()
+    args.model_dir = model_dir_of(args)
     if args.unsloth:
         import unsloth  # noqa: F401  (first: it patches TRL, transformers and peft as they are imported)
 
