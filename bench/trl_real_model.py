@@ -32,11 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 
 class StepRecorder(TrainerCallback):
-    """Seconds and mean reward of every optimizer step."""
+    """Seconds, mean reward and gradient norm of every optimizer step."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self.rewards: list[float] = []
+        self.grad_norms: list[float] = []
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -51,6 +52,8 @@ class StepRecorder(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "grad_norm" in logs:
+            self.grad_norms.append(float(logs["grad_norm"]))
         if logs and "reward" in logs:
             self.rewards.append(float(logs["reward"]))
             print(f"TRL step {state.global_step}: reward {logs['reward']:.3f}", flush=True)
@@ -153,7 +156,21 @@ def main(overrides: list[str]) -> dict:
             callbacks=[recorder],
         )
         started = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train()
+        except Exception as error:  # e.g. NaN weights stopping sampling: a result too, recorded before exiting
+            summary = {
+                "trainer": "trl.GRPOTrainer",
+                "overrides": overrides,
+                "failed_at_step": len(recorder.seconds) + 1,
+                "error": f"{type(error).__name__}: {error}"[:2000],
+                "seconds_until_failure": time.perf_counter() - started,
+                "step_seconds": recorder.seconds,
+                "reward_mean": recorder.rewards,
+                "grad_norms": recorder.grad_norms,
+            }
+            (run_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
+            raise
         train_seconds = time.perf_counter() - started
     adapter = save_adapter(
         policy, run_dir / "rl" / "adapter", tokenizer=tokenizer, card=rewriter_card(cfg, cfg.rl.max_new_tokens)
@@ -168,6 +185,7 @@ def main(overrides: list[str]) -> dict:
         "train_seconds": train_seconds,
         "step_seconds": recorder.seconds,
         "reward_mean": recorder.rewards,
+        "grad_norms": recorder.grad_norms,
         "tables": tables,
     }
     (run_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
