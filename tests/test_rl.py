@@ -221,7 +221,7 @@ def test_a_step_with_a_non_finite_gradient_changes_nothing_and_training_goes_on(
     assert all(torch.isfinite(v).all() for v in second.values())
     assert any(not torch.equal(first[name], second[name]) for name in first), "the next step did not train"
     assert trainer.callback_metrics["train/skipped_updates"] == 1
-    assert module.nonfinite_in_a_row == 0
+    assert module.gradient_guard.in_a_row == 0
 
 
 def test_non_finite_gradients_step_after_step_stop_training_naming_the_settings(
@@ -234,7 +234,8 @@ def test_non_finite_gradients_step_after_step_stop_training_naming_the_settings(
     module = scripted_module(
         policy, tokenizer, [GOOD, BAD], kl_beta=0.0, scale_advantages="none", max_nonfinite_updates=1
     )
-    with pytest.raises(TrainingDiverged, match=r"GRPO step 2: .* for 2 steps in a row.*rl\.lr.*max_nonfinite_updates"):
+    named = r"rl step 2: .* for 2 steps in a row.*rl\.lr.*rl\.max_nonfinite_updates"
+    with pytest.raises(TrainingDiverged, match=named):
         fit(module, data_cfg, [RewardsPerStep([OVERFLOW])], 4, tmp_path)
     assert all(torch.equal(before[name], param) for name, param in lora_state(policy).items())
 

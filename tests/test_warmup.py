@@ -177,6 +177,55 @@ def trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
     )
 
 
+class FailingFirstStep(WarmupModule):
+    """The first step's loss times `factor` (1e38: the gradient norm overflows float32; NaN: NaN gradients)."""
+
+    factor = 1e38
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.global_step == 0 else loss
+
+
+class LoraAfterEachStep(L.Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append(lora_state(pl_module))
+
+
+@pytest.mark.parametrize("factor", [1e38, float("nan")], ids=["overflow", "nan"])
+def test_a_warmup_step_with_a_non_finite_gradient_changes_nothing(
+    factor, tmp_path, tiny_model_cfg, tokenizer, data_cfg
+):
+    distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
+    torch.manual_seed(0)
+    module = FailingFirstStep(load_policy(tiny_model_cfg), tokenizer, max_length=128, lr=5e-3, schedule="constant")
+    module.factor = factor
+    before, after_step = lora_state(module), LoraAfterEachStep()
+    run = trainer(tmp_path, 2, callbacks=[after_step], enable_checkpointing=False)
+    run.fit(module, datamodule=DistilledDataModule(distilled, data_cfg, batch_size=2))
+    first, second = after_step.states
+    assert all(torch.equal(before[name], first[name]) for name in before), "the failing step moved the adapter"
+    assert any(not torch.equal(first[name], second[name]) for name in first), "the next step did not train"
+    assert all(torch.isfinite(v).all() for v in second.values())
+    assert run.callback_metrics["train/skipped_updates"] == 1
+
+
+def test_warmup_stops_naming_its_settings_after_too_many_non_finite_steps(
+    tmp_path, tiny_model_cfg, tokenizer, data_cfg
+):
+    from cqr_lightning.errors import TrainingDiverged
+
+    distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
+    module = FailingFirstStep(load_policy(tiny_model_cfg), tokenizer, max_length=128, max_nonfinite_updates=0)
+    with pytest.raises(TrainingDiverged, match=r"warmup step 1: .*warmup\.lr.*warmup\.max_nonfinite_updates"):
+        trainer(tmp_path, 2, enable_checkpointing=False).fit(
+            module, datamodule=DistilledDataModule(distilled, data_cfg, batch_size=2)
+        )
+
+
 @pytest.mark.slow
 def test_sft_loss_falls_when_overfitting_a_few_pairs(tmp_path, tiny_model_cfg, tokenizer, data_cfg):
     distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)

@@ -7,9 +7,7 @@ One training step = one rollout batch:
 4. for `updates_per_rollout` passes, over micro-batches: reference log-probs (frozen warm-up adapter,
    or the base with adapters disabled), policy log-probs with gradient, the clipped surrogate + k3 KL
    (- entropy bonus), backward; then clip, optimizer step, scheduler step. A step whose gradient norm is not
-   finite (NaN, or past float32's range, e.g. after an overflow) changes nothing: its gradients are dropped before
-   the optimizer step, which then leaves every parameter and its moments as they were; after
-   `max_nonfinite_updates` such steps in a row training stops with an error naming the settings to change.
+   finite changes nothing (cqr_lightning/modules/gradient_guard.py).
 With one update per rollout the "old" log-probs equal the current ones (ratio 1), so they are taken
 from the same forward pass; with more, they are computed once, without gradient, before updating.
 
@@ -22,8 +20,6 @@ with `generation_batch_size` dividing the per-process batch, one process and DDP
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,16 +27,15 @@ from dataclasses import replace
 import torch
 
 from cqr_lightning.distributed import sample_seed
-from cqr_lightning.errors import TrainingDiverged
 from cqr_lightning.grpo.losses import advantage_scale_name, group_advantages, grpo_loss
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
 from cqr_lightning.models.generation import generate
+from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.scoring import reward_statistics
 
 REFERENCE_ADAPTER = "reference"
-log = logging.getLogger(__name__)
 
 
 class RLModule(PolicyModule):
@@ -90,11 +85,7 @@ class RLModule(PolicyModule):
         self.updates_per_rollout = updates_per_rollout
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
-        if max_nonfinite_updates < 0:
-            raise ValueError(f"rl.max_nonfinite_updates must be 0 or more, got {max_nonfinite_updates}")
-        self.max_nonfinite_updates = max_nonfinite_updates
-        self.nonfinite_in_a_row = 0
-        self.skipped_updates = 0
+        self.gradient_guard = NonFiniteGradientGuard(max_nonfinite_updates, "rl")
         self.generation_batch_size = generation_batch_size
         self.min_new_tokens = min_new_tokens  # > 0 only to force response lengths in benchmarks
         self.fast_sampling = fast_sampling
@@ -288,14 +279,9 @@ class RLModule(PolicyModule):
         with self.timed("forward_backward"):
             totals = self.accumulate_gradients(rollout, advantages, old_logp, ref_logp)
         with self.timed("optimizer"):
-            # before clipping: an overflowing norm would scale every gradient to 0 and hide the step's failure
-            grad_norm = _grad_norm(p for p in self.policy.parameters() if p.requires_grad)
-            if math.isfinite(grad_norm):  # the same on every DDP process: gradients are all-reduced
-                self.nonfinite_in_a_row = 0
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            else:
-                optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
-                self.note_nonfinite_gradient(grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = self.gradient_guard.check(self.policy, optimizer, self.trainer.global_step + 1, lr)
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -307,32 +293,13 @@ class RLModule(PolicyModule):
         metrics = {f"train/{k}": v for k, v in reward_statistics(rewards, self.group_size).items()}
         metrics["train/response_tokens"] = float(total_tokens) / n
         metrics["train/grad_norm"] = grad_norm  # before clipping
-        metrics["train/skipped_updates"] = float(self.skipped_updates)
+        metrics["train/skipped_updates"] = float(self.gradient_guard.skipped)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         self.log_dict(metrics, batch_size=n_prompts, sync_dist=True)
         reward = metrics["train/reward_mean"]
         self.log("reward", reward, prog_bar=True, logger=False, batch_size=n_prompts, sync_dist=True)
         return {**metrics, **summed}
-
-    def note_nonfinite_gradient(self, grad_norm: float) -> None:
-        """Count a step whose update was dropped; stop after more than `max_nonfinite_updates` of them in a row."""
-        self.skipped_updates += 1
-        self.nonfinite_in_a_row += 1
-        step = self.trainer.global_step + 1 if self._trainer is not None else self.skipped_updates
-        if self.nonfinite_in_a_row > self.max_nonfinite_updates:
-            raise TrainingDiverged(
-                f"GRPO step {step}: the gradient norm was {grad_norm} for {self.nonfinite_in_a_row} steps in a row, "
-                "so the policy no longer learns; the adapter of the last checkpoint is intact (no update of these "
-                f"steps was applied). Lower rl.lr (now {self.optimizer_settings['lr']}), set "
-                "model.upcast_non_quantized=true if it is false, or raise rl.max_nonfinite_updates (now "
-                f"{self.max_nonfinite_updates}) to keep skipping such steps"
-            )
-        log.warning(
-            "GRPO step %d: gradient norm %s, the update is skipped (%d in a row, %d in all; training stops after "
-            "rl.max_nonfinite_updates=%d in a row)",
-            step, grad_norm, self.nonfinite_in_a_row, self.skipped_updates, self.max_nonfinite_updates,
-        )  # fmt: skip
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.policy.parameters(), **self.optimizer_settings)
@@ -345,8 +312,3 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-def _grad_norm(params) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0

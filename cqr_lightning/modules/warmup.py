@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.sft import build_sft_batch, response_token_loss
 
 
 class WarmupModule(PolicyModule):
-    """Automatic optimisation; the Trainer clips gradients and accumulates. Batches hold distilled rows."""
+    """Automatic optimisation; the Trainer clips gradients and accumulates. Batches hold distilled rows. A step whose
+    gradient is not finite applies no update (cqr_lightning/modules/gradient_guard.py)."""
 
     def __init__(
         self,
@@ -22,12 +24,14 @@ class WarmupModule(PolicyModule):
         warmup_steps: int = 0,
         total_steps: int | None = None,
         schedule: str = "cosine",
+        max_nonfinite_updates: int = 3,
         **policy_kwargs,
     ):
         super().__init__(policy, tokenizer, **policy_kwargs)
         self.max_length = max_length
         self.optimizer_settings = {"name": optimizer, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.schedule_settings = {"warmup_steps": warmup_steps, "total_steps": total_steps, "schedule": schedule}
+        self.gradient_guard = NonFiniteGradientGuard(max_nonfinite_updates, "warmup")
 
     def training_step(self, batch, batch_idx: int):
         rows = batch.turns
@@ -40,6 +44,12 @@ class WarmupModule(PolicyModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(rows))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Before the Trainer clips (gradients accumulated, and all-reduced under DDP): drop a non-finite step."""
+        lr = optimizer.param_groups[0]["lr"]
+        self.gradient_guard.check(self.policy, optimizer, self.trainer.global_step + 1, lr)
+        self.log("train/skipped_updates", float(self.gradient_guard.skipped), batch_size=1)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.policy.parameters(), **self.optimizer_settings)
