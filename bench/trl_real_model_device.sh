@@ -5,6 +5,8 @@
 # (bench/trl_real_model.py: the same configuration, reward and turns; then the same tables).
 #
 #   bash bench/trl_real_model_device.sh SEED [key=value ...]    (extra overrides go to both trainers)
+#   OURS="key=value ..." adds overrides to ours only, e.g. OURS="rl.static_decoding=true" (the knobs that have no
+#   TRL counterpart: static decoding, micro-batch, gradient checkpointing of our loss passes).
 #
 # SECONDS_LIMIT (default 560) stops whatever runs at that many seconds after the start, so that the results still
 # come back within a device call; calling again on the same machine skips the phases that finished (the warm-up,
@@ -26,6 +28,7 @@ export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1
 # without MLflow (logger=none) our GRPO phases' seconds would be lost: rl/curves.csv records them
 phase_curves="++callbacks.rl.training_curves.train_metrics=[train/reward_mean,train/kl,train/copy_rate,\
 time/generation,time/reward,time/reference_logprobs,time/forward_backward,time/optimizer]"
+read -r -a ours_only <<<"${OURS:-}"
 common=(experiment=pack_smollm2 "seed=$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu "$@")
 python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
 
@@ -49,13 +52,13 @@ fi
 if [ -f "$runs/ours/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/ours/eval/summary.json" ]; then
   # trained, its tables cut by the deadline: the pipeline resumes the same folder and only evaluates
   until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
-    >>"$runs/ours_tables.log" 2>&1
+    "${ours_only[@]}" >>"$runs/ours_tables.log" 2>&1
 fi
 if [ ! -f "$runs/ours/eval/summary.json" ]; then
   rm -rf "$runs/ours" && mkdir -p "$runs/ours" && cp -r "$runs/warm/warmup" "$runs/ours/warmup"
   started=$(date +%s)
   until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
-    "$phase_curves" >"$runs/ours.log" 2>&1
+    "$phase_curves" "${ours_only[@]}" >"$runs/ours.log" 2>&1
   echo "== ours: exit $?, to adapter $(to_adapter "$runs/ours" "$started") s, all $(($(date +%s) - started)) s" \
     | tee -a "$runs/times.txt"
   grep -E "after GRPO|searched with|Error" "$runs/ours.log" | tail -8
