@@ -6,7 +6,9 @@ gradient norm before clipping (an overflowing norm would otherwise scale every g
 failure) and, when it is not finite, drops the gradients: torch's and bitsandbytes' optimizers skip parameters
 without one, so weights and optimizer moments stay as they were. After more than `max_in_a_row` such steps in a
 row training stops with an error naming the settings to change. Under DDP the gradients are all-reduced before
-the check, so every process takes the same decision.
+the check, so every process takes the same decision. With float16 mixed precision (`trainer.precision=16-mixed`)
+the loss scaler already skips a step with inf gradients and lowers its scale, which happens a few times in a row
+at the start of every run by design, so the guard leaves those steps to it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return torch.stack(norms).norm().item() if norms else 0.0
 
 
+def loss_scaler_active(trainer) -> bool:
+    """Whether the Trainer's precision plugin scales the loss (float16 mixed precision's GradScaler)."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
+
+
 class NonFiniteGradientGuard:
     """Counts and drops non-finite steps of one stage (`group`: the config group that names its settings)."""
 
@@ -39,11 +46,12 @@ class NonFiniteGradientGuard:
         self.in_a_row = 0
         self.skipped = 0
 
-    def check(self, module: torch.nn.Module, optimizer, step: int, lr: float) -> float:
+    def check(self, module: torch.nn.Module, optimizer, step: int, lr: float, loss_scaled: bool = False) -> float:
         """The gradient norm of `module`'s trainable parameters; when it is not finite, the gradients are dropped
-        (`optimizer.step()` then changes nothing) and the step is counted, or training stops."""
+        (`optimizer.step()` then changes nothing) and the step is counted, or training stops. `loss_scaled`: a
+        float16 loss scaler handles such steps (`loss_scaler_active`), so the norm is only measured."""
         norm = gradient_norm(p for p in module.parameters() if p.requires_grad)
-        if math.isfinite(norm):
+        if math.isfinite(norm) or loss_scaled:
             self.in_a_row = 0
             return norm
         optimizer.zero_grad(set_to_none=True)
