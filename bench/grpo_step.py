@@ -210,7 +210,7 @@ def workload_config(args, model_cfg):
     cfg.model = model_cfg
     cfg.model.max_prompt_length = args.max_prompt
     cfg.model.upcast_non_quantized = not args.no_upcast
-    if getattr(args, "no_grad_ckpt", False):
+    if args.no_grad_ckpt:
         cfg.model.gradient_checkpointing = False
     return cfg
 

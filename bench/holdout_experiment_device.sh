@@ -26,9 +26,7 @@ read -r -a common <<<"${COMMON:-}"
 runs=${RUNS:-/tmp/runs}
 mkdir -p "$runs"
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
-# without MLflow (logger=none) the GRPO phases' seconds would be lost: rl/curves.csv records them
-phase_curves="++callbacks.rl.training_curves.train_metrics=[train/reward_mean,train/kl,train/copy_rate,\
-time/generation,time/reward,time/reference_logprobs,time/forward_backward,time/optimizer]"
+source "$(dirname "$0")/phase_curves.sh"  # $phase_curves: our GRPO phases' seconds in rl/curves.csv
 started=$(date +%s)
 deadline=$((started + seconds))
 

@@ -25,9 +25,7 @@ runs=${RUNS:-/tmp/trl_real}
 mkdir -p "$runs"
 deadline=$(($(date +%s) + ${SECONDS_LIMIT:-560}))
 export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
-# without MLflow (logger=none) our GRPO phases' seconds would be lost: rl/curves.csv records them
-phase_curves="++callbacks.rl.training_curves.train_metrics=[train/reward_mean,train/kl,train/copy_rate,\
-time/generation,time/reward,time/reference_logprobs,time/forward_backward,time/optimizer]"
+source "$(dirname "$0")/phase_curves.sh"  # $phase_curves: our GRPO phases' seconds in rl/curves.csv
 read -r -a ours_only <<<"${OURS:-}"
 common=(experiment=pack_smollm2 "seed=$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu "$@")
 python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }

@@ -70,3 +70,10 @@ class NonFiniteGradientGuard:
             self.group, step, norm, self.in_a_row, self.skipped, self.group, self.max_in_a_row,
         )  # fmt: skip
         return norm
+
+    def check_step(self, module: torch.nn.Module, optimizer, trainer) -> float:
+        """`check` before the Trainer's next optimizer step: its number and learning rate, and whether a float16
+        loss scaler handles non-finite steps, read from `trainer` and `optimizer`."""
+        lr = optimizer.param_groups[0]["lr"]
+        scaled = loss_scaler_active(trainer)
+        return self.check(module, optimizer, trainer.global_step + 1, lr, loss_scaled=scaled)

@@ -30,7 +30,7 @@ from cqr_lightning.distributed import sample_seed
 from cqr_lightning.grpo.losses import advantage_scale_name, group_advantages, grpo_loss
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
 from cqr_lightning.models.generation import generate
-from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard, loss_scaler_active
+from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.scoring import reward_statistics
@@ -279,9 +279,7 @@ class RLModule(PolicyModule):
         with self.timed("forward_backward"):
             totals = self.accumulate_gradients(rollout, advantages, old_logp, ref_logp)
         with self.timed("optimizer"):
-            lr = optimizer.param_groups[0]["lr"]
-            step, scaled = self.trainer.global_step + 1, loss_scaler_active(self.trainer)
-            grad_norm = self.gradient_guard.check(self.policy, optimizer, step, lr, loss_scaled=scaled)
+            grad_norm = self.gradient_guard.check_step(self.policy, optimizer, self.trainer)
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

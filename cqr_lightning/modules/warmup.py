@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard, loss_scaler_active
+from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.sft import build_sft_batch, response_token_loss
@@ -47,9 +47,7 @@ class WarmupModule(PolicyModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Before the Trainer clips (gradients accumulated, and all-reduced under DDP): drop a non-finite step."""
-        lr = optimizer.param_groups[0]["lr"]
-        step, scaled = self.trainer.global_step + 1, loss_scaler_active(self.trainer)
-        self.gradient_guard.check(self.policy, optimizer, step, lr, loss_scaled=scaled)
+        self.gradient_guard.check_step(self.policy, optimizer, self.trainer)
         self.log("train/skipped_updates", float(self.gradient_guard.skipped), batch_size=1)
 
     def configure_optimizers(self):
