@@ -53,12 +53,14 @@ def tiny_policy() -> torch.nn.Module:
 
 def test_an_rl_key_reaches_the_constructor(fixture_data_dir, tmp_path):
     overrides = ("rl.kl_beta=0.05", "rl.static_decoding=true", "rl.betas=[0.8,0.9]", "+rl.min_new_tokens=3", "seed=7")
-    cfg = train_cfg(fixture_data_dir, tmp_path, *overrides, "rl.static_prompt_bucket=128")
+    cfg = train_cfg(
+        fixture_data_dir, tmp_path, *overrides, "rl.static_prompt_bucket=128", "rl.static_cache_at_full_length=true"
+    )
     scorer = object()
     module = build_module(cfg, "rl", tiny_policy(), "tokenizer", scorer)
     assert type(module) is RLModule
     assert module.kl_beta == 0.05 and module.static_decoding is True and module.min_new_tokens == 3
-    assert module.static_prompt_bucket == 128
+    assert module.static_prompt_bucket == 128 and module.static_cache_at_full_length is True
     assert module.optimizer_settings["betas"] == (0.8, 0.9)
     assert module.max_new_tokens == 12 and module.group_size == 2  # tiny_overrides
     assert module.seed == 7 and module.scorer is scorer  # from the run, not the group

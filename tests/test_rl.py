@@ -363,6 +363,34 @@ def test_static_decoding_with_a_prompt_bucket_trains_the_same_adapter(
         assert torch.allclose(value, adapters[1][name], atol=1e-6), name
 
 
+def test_a_static_cache_at_full_length_is_built_by_the_first_rollout_and_later_rollouts_keep_their_bucket(
+    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
+):
+    adapters, widths = [], []
+    for full_length in (False, True):
+        policy = policy_with_random_lora_b(tiny_model_cfg)
+        policy.base_model.model.__dict__.pop("_previous_max_cache_length", None)  # a fresh run's model
+        seen: list[int] = []
+        generate_once = policy.generate
+
+        def recording_generate(*args, _seen=seen, _generate=generate_once, **kwargs):
+            _seen.append(kwargs["input_ids"].shape[1])
+            return _generate(*args, **kwargs)
+
+        policy.generate = recording_generate
+        fit_seeded(policy, tokenizer, retriever, data_cfg, 3, tmp_path / str(full_length), static_decoding=True,
+                   static_prompt_bucket=16, static_cache_at_full_length=full_length)  # fmt: skip
+        adapters.append(lora_state(policy))
+        widths.append(seen)
+        cache_length = policy.base_model.model._previous_max_cache_length
+        assert cache_length >= 256 if full_length else cache_length < 256
+    assert all(width % 16 == 0 and width < 256 for width in widths[0]), widths[0]
+    assert widths[1][0] == 256, "the first rollout pads to max_prompt_length and so builds the whole cache"
+    assert widths[1][1:] == widths[0][1:], "later rollouts pad only to their bucket"
+    for name, value in adapters[0].items():
+        assert torch.allclose(value, adapters[1][name], atol=1e-6), name
+
+
 def test_turns_solved_by_question_are_those_whose_question_ranks_gold_high_enough(retriever, data_with_vague_turns):
     from cqr_lightning.readers import read_jsonl_turns
     from cqr_lightning.turn_filter import turns_solved_by_question

@@ -67,6 +67,7 @@ class RLModule(PolicyModule):
         release_sampling_copy: bool = False,
         static_decoding: bool = False,
         static_prompt_bucket: int | None = None,
+        static_cache_at_full_length: bool = False,
         logprob_chunk_size: int | None = None,
         seed: int = 0,
         **policy_kwargs,
@@ -96,6 +97,10 @@ class RLModule(PolicyModule):
                 f"rl.static_prompt_bucket must be a positive token count or null, got {static_prompt_bucket}"
             )
         self.static_prompt_bucket = static_prompt_bucket  # None: pad to max_prompt_length (one shape)
+        # with a bucket: this process's first generate call pads to max_prompt_length, so the static cache is built
+        # at its full length once and later (bucketed) calls reuse it instead of growing it and recompiling
+        self.static_cache_at_full_length = static_cache_at_full_length
+        self._full_static_cache_built = False
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
         self.logprob_chunk_size = logprob_chunk_size  # None: all of a micro-batch's logits at once
@@ -168,10 +173,18 @@ class RLModule(PolicyModule):
                 num_return_sequences=self.group_size,
                 seed=sample_seed(self.seed, epoch, indices[start]),
                 static_cache_width=self.max_prompt_length if self.static_decoding else None,
-                static_cache_bucket=self.static_prompt_bucket,
+                static_cache_bucket=self.next_static_prompt_bucket(),
             )
             samples += [replace(s, prompt_index=start + s.prompt_index) for s in chunk]
         return sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
+
+    def next_static_prompt_bucket(self) -> int | None:
+        """The bucket for the next generate call: none (full width) for this process's first call when the static
+        cache is to be built at full length, the configured bucket otherwise."""
+        if self.static_decoding and self.static_cache_at_full_length and not self._full_static_cache_built:
+            self._full_static_cache_built = True
+            return None
+        return self.static_prompt_bucket
 
     def micro_batches(self, n: int):
         for start in range(0, n, self.micro_batch_size):
