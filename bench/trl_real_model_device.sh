@@ -5,7 +5,8 @@
 # (bench/trl_real_model.py: the same configuration, reward and turns; then the same tables).
 #
 #   bash bench/trl_real_model_device.sh SEED [key=value ...]    (extra overrides go to both trainers)
-#   OURS="key=value ..." adds overrides to ours only, e.g. OURS="rl.static_decoding=true" (the knobs that have no
+#   OURS="key=value ..." adds overrides to ours only, e.g. OURS="rl.static_decoding=true rl.static_prompt_bucket=512
+#   rl.static_cache_at_full_length=true" (the knobs that have no
 #   TRL counterpart: static decoding, micro-batch, gradient checkpointing of our loss passes).
 #
 # SECONDS_LIMIT (default 560) stops whatever runs at that many seconds after the start, so that the results still
