@@ -14,6 +14,13 @@ Writes `<run_dir>/trl_summary.json` (wall time of training, per-step seconds and
 and the usual `<run_dir>/eval/` tables. What differs from ours and cannot be matched: TRL's KL reference is the
 base model with the adapter switched off (ours: the warm-up adapter), TRL has no entropy bonus (ours 0.001),
 and TRL samples from the 4-bit policy (ours from a merged bf16 copy with `rl.fast_sampling`).
+
+`--unsloth` (anywhere among the overrides) trains the same way through Unsloth: its 4-bit loading of the same base
+(the folder `model.*` resolves to, the converted GGUF for the pack), its LoRA with the configuration's rank and
+alpha on the attention and MLP projections (dropout 0: our GRPO turns dropout off too), the warm-up adapter's weights
+put into that LoRA, and its gradient checkpointing when `model.gradient_checkpointing`; the trainer is TRL's
+GRPOTrainer as Unsloth patches it. It needs the wheels of `bash bench/prepare_device_carry.sh --unsloth-wheels`
+ahead of the others on PYTHONPATH; the row is "after Unsloth GRPO".
 """
 
 from __future__ import annotations
@@ -25,16 +32,25 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import TrainerCallback
+
+UNSLOTH_FLAG = "--unsloth"
+if UNSLOTH_FLAG in sys.argv:
+    import unsloth  # noqa: F401  (before transformers: it patches TRL, transformers and peft as they are imported)
+
+from transformers import TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear
+
+
 class StepRecorder(TrainerCallback):
     """Seconds, mean reward and gradient norm of every optimizer step."""
 
-    def __init__(self):
+    def __init__(self, label: str = "TRL"):
+        self.label = label
         self.seconds: list[float] = []
         self.rewards: list[float] = []
         self.grad_norms: list[float] = []
@@ -56,7 +72,7 @@ class StepRecorder(TrainerCallback):
             self.grad_norms.append(float(logs["grad_norm"]))
         if logs and "reward" in logs:
             self.rewards.append(float(logs["reward"]))
-            print(f"TRL step {state.global_step}: reward {logs['reward']:.3f}", flush=True)
+            print(f"{self.label} step {state.global_step}: reward {logs['reward']:.3f}", flush=True)
 
 
 def training_turns(cfg: DictConfig, retriever, run_dir: Path) -> list:
@@ -80,7 +96,7 @@ def trl_scale_rewards(scale_advantages) -> str:
     return scale
 
 
-def grpo_config(cfg: DictConfig, out: Path):
+def grpo_config(cfg: DictConfig, out: Path, unsloth: bool = False):
     from trl import GRPOConfig
 
     r = cfg.rl
@@ -108,7 +124,8 @@ def grpo_config(cfg: DictConfig, out: Path):
         loss_type="dapo",
         scale_rewards=trl_scale_rewards(r.scale_advantages),
         num_iterations=int(r.updates_per_rollout),
-        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+        # Unsloth's LoRA brings its own checkpointing (unsloth_policy)
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)) and not unsloth,
         bf16=torch.cuda.is_available(),
         max_steps=int(r.max_steps),
         seed=int(cfg.seed),
@@ -118,6 +135,34 @@ def grpo_config(cfg: DictConfig, out: Path):
         use_vllm=False,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def unsloth_policy(cfg: DictConfig):
+    """Unsloth's 4-bit base and LoRA, shaped as `cfg.model` says, holding the warm-up adapter's weights."""
+    from unsloth import FastLanguageModel
+
+    from cqr_lightning.models.loading import load_adapter, resolve_model_dir
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=resolve_model_dir(cfg.model),
+        max_seq_length=int(cfg.model.max_prompt_length) + int(cfg.rl.max_new_tokens),
+        dtype=torch.bfloat16 if torch.cuda.is_available() else None,
+        load_in_4bit=bool(cfg.model.load_in_4bit),
+        fast_inference=False,  # no vLLM, as for ours and TRL's
+    )
+    targets = cfg.model.lora.target_modules
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=int(cfg.model.lora.r),
+        lora_alpha=int(cfg.model.lora.alpha),
+        lora_dropout=0.0,
+        target_modules=LLAMA_LORA_TARGETS if targets == "all-linear" else list(targets),
+        use_gradient_checkpointing="unsloth" if cfg.model.get("gradient_checkpointing", False) else False,
+        random_state=int(cfg.seed),
+    )
+    if cfg.model.get("adapter"):  # into the LoRA just made: every weight must fit, or this stops naming the file
+        model = load_adapter(model, cfg.model.adapter, adapter_name="default")
+    return model
 
 
 def main(overrides: list[str]) -> dict:
@@ -131,12 +176,18 @@ def main(overrides: list[str]) -> dict:
     from cqr_lightning.rewriter_card import rewriter_card
     from cqr_lightning.stages import open_stage_retriever, stage_scorer
 
+    unsloth = UNSLOTH_FLAG in overrides
+    overrides = [o for o in overrides if o != UNSLOTH_FLAG]
+    label, trainer_name = ("Unsloth", "unsloth GRPOTrainer") if unsloth else ("TRL", "trl.GRPOTrainer")
     cfg = compose_train_config(overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_policy(cfg.model, adapter=cfg.model.get("adapter"), trainable=True)
+    if unsloth:
+        policy = unsloth_policy(cfg)
+    else:
+        policy = load_policy(cfg.model, adapter=cfg.model.get("adapter"), trainable=True)
     with open_stage_retriever(cfg) as retriever:  # the retriever and scorer our RL stage builds
         turns = training_turns(cfg, retriever, run_dir)
         scorer = stage_scorer(cfg, retriever, rewards=cfg.rl.get("rewards"))
@@ -146,11 +197,11 @@ def main(overrides: list[str]) -> dict:
         def retrieval_reward(completions, turn_index, **kwargs) -> list[float]:
             return scorer.score([turns[i] for i in turn_index], list(completions)).rewards
 
-        recorder = StepRecorder()
+        recorder = StepRecorder(label)
         trainer = GRPOTrainer(
             model=policy,
             reward_funcs=retrieval_reward,
-            args=grpo_config(cfg, run_dir / "trl"),
+            args=grpo_config(cfg, run_dir / "trl", unsloth),
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=[recorder],
@@ -160,7 +211,7 @@ def main(overrides: list[str]) -> dict:
             trainer.train()
         except Exception as error:  # e.g. NaN weights stopping sampling: a result too, recorded before exiting
             summary = {
-                "trainer": "trl.GRPOTrainer",
+                "trainer": trainer_name,
                 "overrides": overrides,
                 "failed_at_step": len(recorder.seconds) + 1,
                 "error": f"{type(error).__name__}: {error}"[:2000],
@@ -176,9 +227,9 @@ def main(overrides: list[str]) -> dict:
         policy, run_dir / "rl" / "adapter", tokenizer=tokenizer, card=rewriter_card(cfg, cfg.rl.max_new_tokens)
     )
     eval_cfg = OmegaConf.merge(cfg, {"eval": {"untuned_row": False, "warmup_row": False}})
-    tables = evaluate_rewriters(eval_cfg, run_dir, {"after TRL GRPO": str(adapter)})
+    tables = evaluate_rewriters(eval_cfg, run_dir, {f"after {label} GRPO": str(adapter)})
     summary = {
-        "trainer": "trl.GRPOTrainer",
+        "trainer": trainer_name,
         "overrides": overrides,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "training_turns": len(turns),

@@ -15,6 +15,8 @@
 # without its tables only gets its tables). With the pack experiment on one H200 the whole comparison takes about
 # 1,000 s (warm-up 113 s, ours 371 s to the adapter and about 60 s of tables, TRL about 400 s and its tables), so
 # two back-to-back calls: the first runs the warm-up and ours, the second TRL's.
+# UNSLOTH=1 then runs the same through Unsloth (bench/trl_real_model.py --unsloth) once TRL's has finished, in a
+# further call that carried .gpu_whl_unsloth and ran `bench/prepare_device_carry.sh --install`.
 #
 # Expects what bench/holdout_experiment_device.sh expects (wheels with TRL and datasets in /tmp/site, the pack in
 # /tmp/data, the GGUF). "to adapter" = seconds from the process start to the trained adapter on disk (model
@@ -71,6 +73,16 @@ if [ -f "$runs/ours/eval/summary.json" ] && [ ! -f "$runs/trl/trl_summary.json" 
   echo "== TRL: exit $?, to adapter $(to_adapter "$runs/trl" "$started") s, all $(($(date +%s) - started)) s" \
     | tee -a "$runs/times.txt"
   grep -E "after TRL GRPO|searched with|train_seconds|TRL step|Error" "$runs/trl.log" | tail -12
+fi
+
+if [ -n "${UNSLOTH:-}" ] && [ -f "$runs/trl/trl_summary.json" ] && [ ! -f "$runs/unsloth/trl_summary.json" ]; then
+  rm -rf "$runs/unsloth"
+  started=$(date +%s)
+  until_deadline env PYTHONPATH="/tmp/site_unsloth:$PYTHONPATH" HF_HUB_OFFLINE=1 python3 bench/trl_real_model.py \
+    --unsloth "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/unsloth" >"$runs/unsloth.log" 2>&1
+  echo "== Unsloth: exit $?, to adapter $(to_adapter "$runs/unsloth" "$started") s, all $(($(date +%s) - started)) s" \
+    | tee -a "$runs/times.txt"
+  grep -E "after Unsloth GRPO|searched with|train_seconds|Unsloth step|Error" "$runs/unsloth.log" | tail -12
 fi
 
 cd "$runs" && find . \( -name '*.log' -o -name 'summary.json' -o -name 'trl_summary.json' -o -name 'curves.csv' \
