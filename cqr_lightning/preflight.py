@@ -8,7 +8,7 @@ checks read the files through the same readers as training and evaluation do, so
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from numbers import Real
 from pathlib import Path
 
@@ -70,11 +70,15 @@ def corpus_ids(data_cfg) -> frozenset[str]:
     return ids
 
 
-def check_split(data_cfg, split: str, known_ids=None) -> int:
-    """Read every turn of a split; DataError naming the file (and line) of the first problem: unreadable or
-    malformed lines, missing fields, positives absent from the corpus, a repeated turn id, no turn at all.
-    Returns the number of turns."""
+def check_split(data_cfg, split: str, known_ids=None, asked_by: str | None = None) -> int:
+    """Read every turn of a split; DataError naming the file (and line) of the first problem: a missing file (and
+    `asked_by`, the setting that asks for the split), unreadable or malformed lines, missing fields, positives absent
+    from the corpus, a repeated turn id, no turn at all. Returns the number of turns."""
     path = split_path(data_cfg, data_cfg.train_split if split in HOLDOUT_SPLITS else split)
+    if asked_by and not path.is_file():
+        raise DataError(
+            path, f"file not found: {asked_by} asks for split '{split}' (add the file or change {asked_by})"
+        )
     seen: set[str] = set()
     for turn in turn_reader(data_cfg, split, known_ids)():
         if turn.id in seen:
@@ -93,12 +97,12 @@ def jsonl_lines_of(path, turn_id: str) -> list[int]:
     return [line for line, obj in iter_jsonl_objects(path) if str(obj.get("id")) == turn_id]
 
 
-def check_inputs(cfg, splits: Iterable[str], groups: Iterable[str]) -> None:
-    """The settings of `groups`, the corpus, then every split in `splits` (each once)."""
+def check_inputs(cfg, splits: Mapping[str, str], groups: Iterable[str]) -> None:
+    """The settings of `groups`, the corpus, then every split of `splits` (split -> the setting asking for it)."""
     check_settings(cfg, groups)
     ids = corpus_ids(cfg.data)
     known = ids if cfg.data.get("check_positives", True) else None
-    counts = {split: check_split(cfg.data, split, known) for split in dict.fromkeys(str(s) for s in splits)}
+    counts = {split: check_split(cfg.data, split, known, asked_by) for split, asked_by in splits.items()}
     log.info("pre-flight: %d passages; turns per split %s", len(ids), counts)
 
 
@@ -107,12 +111,14 @@ def evaluation_splits(cfg) -> list[str]:
     return [str(split) for split in (cfg.eval.get("splits") or [cfg.data.eval_split])]
 
 
-def training_splits(cfg) -> list[str]:
-    """What a training command reads: the training split, the validation split and, for the pipeline, the
-    splits of the final table."""
-    splits = [str(cfg.data.train_split), validation_split(cfg.data)]
+def training_splits(cfg) -> dict[str, str]:
+    """What a training command reads, each split with the setting that first asks for it: the training split, the
+    validation split and, for the pipeline, the splits of the final table."""
+    splits = {str(cfg.data.train_split): "data.train_split"}
+    splits.setdefault(validation_split(cfg.data), "data.val_split" if cfg.data.get("val_split") else "data.eval_split")
     if cfg.get("stage", "pipeline") == "pipeline":
-        splits += evaluation_splits(cfg)
+        for split in evaluation_splits(cfg):
+            splits.setdefault(split, "eval.splits" if cfg.eval.get("splits") else "data.eval_split")
     return splits
 
 
@@ -136,4 +142,4 @@ def check_training_inputs(cfg) -> None:
 
 def check_evaluation_inputs(cfg) -> None:
     """Pre-flight of an evaluation: the rewriter's batch size, the corpus and the evaluated split."""
-    check_inputs(cfg, [cfg.data.eval_split], ["rewriter"])
+    check_inputs(cfg, {str(cfg.data.eval_split): "data.eval_split"}, ["rewriter"])

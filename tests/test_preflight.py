@@ -137,6 +137,16 @@ def test_the_pipeline_reads_its_evaluation_splits_up_front(data_dir, tmp_path):
     check_training_inputs(train_cfg(data_dir, tmp_path, "stage=rl", "eval.splits=[dev,extra]"))  # not read by RL
 
 
+def test_a_missing_split_file_names_the_setting_that_asks_for_it(data_dir, tmp_path):
+    with pytest.raises(DataError, match=r"missing.jsonl: file not found: eval.splits asks for split 'missing'"):
+        check_training_inputs(train_cfg(data_dir, tmp_path, "eval.splits=[dev,missing]"))
+    (data_dir / "dev.jsonl").unlink()
+    with pytest.raises(DataError, match=r"dev.jsonl: file not found: data.eval_split asks for split 'dev'"):
+        check_training_inputs(train_cfg(data_dir, tmp_path))
+    with pytest.raises(DataError, match=r"dev.jsonl: file not found: data.val_split asks for split 'dev'"):
+        check_training_inputs(train_cfg(data_dir, tmp_path, "data.val_split=dev", "eval.splits=[train]"))
+
+
 def test_an_empty_corpus_is_an_error(data_dir, tmp_path):
     (data_dir / "corpus.jsonl").write_text("")
     with pytest.raises(DataError, match="corpus.jsonl: the corpus holds no passage"):
