@@ -23,6 +23,7 @@ from cqr_lightning.distributed import sample_seed
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import ParsedResponse, lenient_rewrite, parse_response, response_prefix
 from cqr_lightning.models.generation import generate, texts_by_prompt
+from cqr_lightning.modules.memory_errors import out_of_memory_named
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, format_response, render_prompt
 from cqr_lightning.records import Turn
 from cqr_lightning.scoring import rank_bucket
@@ -177,22 +178,32 @@ class RewriteSampler(L.LightningModule):
         self.batch_size = batch_size
         self.seed = seed
 
+    def memory_hints(self, turns_per_call: int) -> list[str]:
+        """The settings that lower the sampling's memory, with their values in this run."""
+        return [
+            f"warmup.sampling_batch_size={turns_per_call} (turns per generate call, each sampled warmup.num_samples="
+            f"{self.num_samples} times)",
+            f"warmup.max_new_tokens={self.max_new_tokens}",
+            f"model.max_prompt_length={self.max_prompt_length}",
+        ]
+
     def predict_step(self, batch, batch_idx: int) -> list[SampledTurn]:
         turns = batch.turns
         fmt = self.response_format
         prompts = [render_prompt(self.tokenizer, t, self.max_prompt_length, True, fmt) + self.prefill for t in turns]
-        samples = generate(
-            self.policy,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            num_return_sequences=self.num_samples,
-            batch_size=self.batch_size,
-            seed=sample_seed(self.seed, 0, batch.indices[0]),
-        )
+        with out_of_memory_named("warmup", "self-distillation sampling", lambda: self.memory_hints(len(turns))):
+            samples = generate(
+                self.policy,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                num_return_sequences=self.num_samples,
+                batch_size=self.batch_size,
+                seed=sample_seed(self.seed, 0, batch.indices[0]),
+            )
         responses = [[self.prefill + text for text in texts] for texts in texts_by_prompt(samples, len(turns))]
         pairs = zip(batch.indices, turns, responses, strict=True)
         return [(index, SampledTurn(turn, texts)) for index, turn, texts in pairs]

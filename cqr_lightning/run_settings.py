@@ -28,7 +28,22 @@ RECIPE_KEYS = (
     "warmup",
     "rl",
 )
-FREE_KEYS = ("data.eval_split", "data.val_split")  # which splits are reported does not change what is trained
+FREE_KEYS = (
+    "data.eval_split",  # which splits are reported does not change what is trained
+    "data.val_split",
+    # how the same computation is laid out in memory (what an out-of-memory error asks to lower before resuming):
+    # same losses and gradients up to float summation order (tests/test_rl.py), or the same sampling recipe with the
+    # generate calls cut differently
+    "model.gradient_checkpointing",
+    "rl.micro_batch_size",
+    "rl.generation_batch_size",
+    "rl.logprob_chunk_size",
+    "rl.release_sampling_copy",
+    "rl.static_decoding",
+    "rl.static_prompt_bucket",
+    "rl.static_cache_at_full_length",
+    "warmup.sampling_batch_size",
+)
 # how often to checkpoint, validate or log, and on how many turns, does not change the trained weights either
 FREE_SUFFIXES = ("checkpoint_every_n_steps", "val_every_n_steps", "table_every_n_steps", "val_limit", "val_batch_size")
 

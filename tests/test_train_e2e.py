@@ -391,6 +391,9 @@ def test_a_run_folder_refuses_other_settings_and_names_them(fixture_data_dir, tm
     # the same recipe, reported elsewhere, checkpointed and validated differently: a resume, accepted
     same = [*base, "stage=rl", "data.eval_split=train", "rl.checkpoint_every_n_steps=7", "logger=none", "eval.limit=1"]
     check_run_settings(compose_train(same), run_dir)
+    # laid out differently in memory (what an out-of-memory error asks to lower): the same recipe, accepted
+    memory = ["rl.micro_batch_size=1", "model.gradient_checkpointing=false", "rl.logprob_chunk_size=4"]
+    check_run_settings(compose_train([*base, *memory, "warmup.sampling_batch_size=1"]), run_dir)
     with pytest.raises(ConfigError, match=r"rl.lr: 5e-05 -> 0.001; rl.max_steps: 3 -> 8.*another run_dir"):
         check_run_settings(compose_train([*base, "rl.max_steps=8", "rl.lr=1e-3"]), run_dir)
     with pytest.raises(ConfigError, match="search.query_mode: 'question_rewrite' -> 'rewrite'"):

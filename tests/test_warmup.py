@@ -226,6 +226,48 @@ def test_warmup_stops_naming_its_settings_after_too_many_non_finite_steps(
         )
 
 
+class OutOfMemoryInBackward(torch.autograd.Function):
+    """Identity forward; backward raises CUDA's out-of-memory error, which a CPU cannot raise itself."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+
+class FailingBackward(WarmupModule):
+    def training_step(self, batch, batch_idx):
+        return OutOfMemoryInBackward.apply(super().training_step(batch, batch_idx))
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_running_out_of_memory_in_sft_names_the_batch_and_length_settings(
+    where, tmp_path, tiny_model_cfg, tokenizer, data_cfg
+):
+    from cqr_lightning.modules.memory_errors import OutOfDeviceMemory
+
+    distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
+    policy = load_policy(tiny_model_cfg)
+    if where == "forward":
+
+        def failing(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+        policy.forward = failing
+    module = (WarmupModule if where == "forward" else FailingBackward)(policy, tokenizer, max_length=128)
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        trainer(tmp_path, 1, enable_checkpointing=False).fit(
+            module, datamodule=DistilledDataModule(distilled, data_cfg, batch_size=2)
+        )
+    message = str(caught.value)
+    assert message.startswith(f"warmup: the device ran out of memory during the SFT {where} pass (CUDA out of memory.")
+    assert "warmup.batch_size=2 (sequences a pass holds at once; e.g. 1)" in message
+    assert message.endswith("warmup.max_length=128 (prompt and response tokens per row)")
+
+
 @pytest.mark.slow
 def test_sft_loss_falls_when_overfitting_a_few_pairs(tmp_path, tiny_model_cfg, tokenizer, data_cfg):
     distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
@@ -295,3 +337,27 @@ def test_lenient_rewrite_reads_the_first_line_after_the_tag_up_to_a_prompt_echo(
     assert lenient_rewrite("<rewrite> drive in CA? A1: at 16") == "drive in CA?"
     assert lenient_rewrite("<rewrite> ### Context Begin ### Q1: who") is None
     assert lenient_rewrite("no tag") is None
+
+
+def test_running_out_of_memory_while_self_distilling_names_the_sampling_settings(tiny_model_cfg, tokenizer, data_cfg):
+    from cqr_lightning.distill import RewriteSampler
+    from cqr_lightning.modules.memory_errors import OutOfDeviceMemory
+    from data_modules.conversations import TurnBatch
+
+    policy = load_policy(tiny_model_cfg, trainable=False)
+
+    def failing(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+    policy.generate = failing
+    sampler = RewriteSampler(policy, tokenizer, max_prompt_length=1024, num_samples=4, max_new_tokens=8)
+    turns = list(read_jsonl_turns(f"{data_cfg.dir}/train.jsonl"))[:3]
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        sampler.predict_step(TurnBatch(turns, position=None), 0)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("warmup: the device ran out of memory during self-distillation sampling (CUDA out")
+    assert lines[2:] == [
+        "  warmup.sampling_batch_size=3 (turns per generate call, each sampled warmup.num_samples=4 times)",
+        "  warmup.max_new_tokens=8",
+        "  model.max_prompt_length=1024",
+    ]

@@ -31,6 +31,7 @@ from cqr_lightning.grpo.losses import advantage_scale_name, group_advantages, gr
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
 from cqr_lightning.models.generation import generate
 from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
+from cqr_lightning.modules.memory_errors import checkpointing_on, loss_pass_hints, out_of_memory_named
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.scoring import reward_statistics
@@ -207,11 +208,35 @@ class RLModule(PolicyModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        with torch.profiler.record_function(f"phase/{name}"):
+        out_of_memory = out_of_memory_named("rl", name, lambda: self.memory_hints(name))
+        with out_of_memory, torch.profiler.record_function(f"phase/{name}"):
             yield
             if self.device.type == "cuda":  # inside the range, so that a profiler's range covers the phase's kernels
                 torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def memory_hints(self, phase: str) -> list[str]:
+        """The settings that lower the memory of `phase` of the GRPO step, with their values in this run."""
+        if phase == "generation":
+            calls = self.generation_batch_size or "null (the whole batch)"
+            hints = [
+                f"rl.generation_batch_size={calls} (prompts per generate call, each sampled rl.group_size="
+                f"{self.group_size} times)",
+                f"rl.max_new_tokens={self.max_new_tokens}",
+                f"model.max_prompt_length={self.max_prompt_length}",
+            ]
+            if self.static_decoding and self.static_prompt_bucket is None:
+                hints.append("rl.static_prompt_bucket=256 (a static cache only as long as the prompts need)")
+            if self.fast_sampling:
+                hints.append("rl.fast_sampling=false (no merged bf16 copy of the model for sampling)")
+            return hints
+        backward = phase == "forward_backward"
+        hints = loss_pass_hints("rl.micro_batch_size", self.micro_batch_size, backward, checkpointing_on(self.policy))
+        if self.logprob_chunk_size is None:
+            hints.append("rl.logprob_chunk_size=1024 (no micro-batch's full-vocabulary logits at once)")
+        if self.fast_sampling and not self.release_sampling_copy:
+            hints.append("rl.release_sampling_copy=true (free the sampling copy during the loss passes)")
+        return hints
 
     def training_step(self, batch, batch_idx: int):
         self.timings = {}

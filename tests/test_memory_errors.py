@@ -1,0 +1,59 @@
+"""A device out-of-memory error names the phase and the settings that lower its memory (unit level; the stages'
+use of it is tested in test_rl.py and test_warmup.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cqr_lightning.errors import ConfigError, user_error
+from cqr_lightning.modules.memory_errors import (
+    OutOfDeviceMemory,
+    checkpointing_on,
+    loss_pass_hints,
+    out_of_memory_named,
+)
+
+TORCH_MESSAGE = "CUDA out of memory. Tried to allocate 656.00 MiB. GPU 0 has a total capacity of 139.80 GiB\nmore"
+
+
+def test_an_out_of_memory_error_becomes_a_user_error_naming_phase_torch_detail_and_hints():
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        with out_of_memory_named("rl", "forward_backward", lambda: ["rl.micro_batch_size=32", "other"]):
+            raise torch.OutOfMemoryError(TORCH_MESSAGE)
+    message = str(caught.value)
+    assert message.startswith("rl: the device ran out of memory during forward_backward (CUDA out of memory. Tried")
+    assert "more" not in message, "only the first line of torch's message"
+    assert message.splitlines()[-2:] == ["  rl.micro_batch_size=32", "  other"]
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert user_error(caught.value) is caught.value, "reported as a user's setting: message, exit code 2"
+    assert isinstance(caught.value, ConfigError)
+
+
+def test_other_errors_pass_through_and_hints_are_only_computed_on_failure():
+    asked = []
+    with pytest.raises(RuntimeError, match="not memory"):
+        with out_of_memory_named("rl", "generation", lambda: asked.append(1) or []):
+            raise RuntimeError("not memory")
+    with out_of_memory_named("rl", "generation", lambda: asked.append(1) or []):
+        pass
+    assert asked == []
+
+
+def test_loss_pass_hints_halve_the_micro_batch_and_offer_checkpointing_only_when_it_helps():
+    hints = loss_pass_hints("rl.micro_batch_size", 32, backward=True, checkpointing=False)
+    assert hints[0].startswith("rl.micro_batch_size=32 ") and "e.g. 16" in hints[0]
+    assert "model.gradient_checkpointing=true" in hints[1]
+    assert not any("checkpointing" in h for h in loss_pass_hints("rl.micro_batch_size", 1, True, checkpointing=True))
+    assert not any("checkpointing" in h for h in loss_pass_hints("rl.micro_batch_size", 8, False, checkpointing=False))
+    assert "e.g. 1)" in loss_pass_hints("rl.micro_batch_size", 1, True, True)[0]
+
+
+def test_checkpointing_on_reads_the_flag_of_the_policys_base_model(tiny_model_cfg):
+    from omegaconf import OmegaConf
+
+    from cqr_lightning.models.loading import load_policy
+
+    with_checkpoints = load_policy(OmegaConf.merge(tiny_model_cfg, {"gradient_checkpointing": True}))
+    without = load_policy(OmegaConf.merge(tiny_model_cfg, {"gradient_checkpointing": False}))
+    assert checkpointing_on(with_checkpoints) is True and checkpointing_on(without) is False
