@@ -5,7 +5,9 @@
 `input` is a JSONL file of turns in the project's format (README "Data format"); `positives` may be missing or
 empty. Each output line holds `id`, `question`, `rewrite` (the model's rewrite, or the question when it wrote none)
 and `query` (what would be searched under the search plan; several queries joined by ' || '), plus `response` and
-`format_ok` for a model, and `samples` (the further sampled rewrites) with `rewriter.num_samples` > 1. The
+`format_ok` for a model, and `samples` (the further sampled rewrites) with `rewriter.num_samples` > 1. With several
+queries (not under fusion), `bm25_query` is the one query text that any BM25 engine (Lucene, Elasticsearch, bm25s)
+ranks as the plan's summed scores: the queries joined by spaces. The
 adapter's `cqr_rewriter.json` gives the base model, prompt, search plan and how many rewrites to sample; keys set
 on the command line win. The output can be scored later with `evaluate rewriter=file rewriter.path=OUTPUT`.
 """
@@ -56,6 +58,9 @@ def rewrite_rows(turns: Sequence[Turn], rewrites: Sequence[Rewrite], plan: Searc
             "rewrite": rewrite.query,
             "query": plan.describe(turn, rewrite.searched),
         }
+        joined = plan.single_query(turn, rewrite.searched)
+        if joined is not None and joined != row["query"]:  # several queries whose summed BM25 scores it reproduces
+            row["bm25_query"] = joined
         if rewrite.samples:
             row["samples"] = list(rewrite.samples)
         if rewrite.response is not None:

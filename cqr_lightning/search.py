@@ -91,6 +91,16 @@ class SearchPlan:
             return reciprocal_rank_fusion(rankings, self.fusion_k, depth)
         return score_sum_fusion(rankings, depth)
 
+    def single_query(self, turn: Turn, rewrite: TurnRewrites) -> str | None:
+        """One query text that any BM25 engine ranks as this plan ranks the turn: `queries` joined by spaces (BM25
+        adds its query terms' scores, so the joined query scores each passage as the sum over the queries; exact as
+        long as a passage matched by one query is within every ranking's cut). None under fusion with several
+        queries: no single BM25 query equals an RRF."""
+        queries = self.queries(turn, rewrite)
+        if self.query_mode == FUSION and len(queries) > 1:
+            return None
+        return " ".join(queries)
+
     def describe(self, turn: Turn, rewrite: TurnRewrites) -> str:
         """The searched text as one line, for logs and rewrites.jsonl (several queries joined by ' || ')."""
         return " || ".join(self.queries(turn, rewrite))

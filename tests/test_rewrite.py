@@ -66,6 +66,8 @@ def test_rows_hold_the_rewrite_and_what_the_plan_would_search(fixture_data_dir, 
     assert row["samples"] == ["waggle dance", "How do they share where food is"]
     q = second.question
     assert row["query"] == f"{q} bee dance food || {q} waggle dance || {q}"  # a copy searches the question
+    assert row["bm25_query"] == f"{q} bee dance food {q} waggle dance {q}"  # their summed BM25 scores, as one query
+    assert "bm25_query" not in fused[0], "no single BM25 query equals reciprocal rank fusion"
 
 
 @pytest.mark.slow

@@ -116,12 +116,15 @@ def test_several_rewrites_on_the_real_bm25_index_rank_as_one_query_holding_them_
     rewrites = ("Tokyo Tower lattice opened", "When did Tokyo Tower open to the public")
     k = retriever.num_docs
     [summed] = search_turns(retriever, SearchPlan("question_rewrite"), [turn], [rewrites], k=k)
-    [joined] = retriever.search([f"{turn.question} {rewrites[0]} {turn.question} {rewrites[1]}"], k=k)
+    single = SearchPlan("question_rewrite").single_query(turn, rewrites)
+    assert single == f"{turn.question} {rewrites[0]} {turn.question} {rewrites[1]}"
+    [joined] = retriever.search([single], k=k)
     assert [h.passage_id for h in summed] == [h.passage_id for h in joined]
     assert [h.score for h in summed] == pytest.approx([h.score for h in joined], rel=1e-5)
     [fused] = search_turns(retriever, SearchPlan("fusion"), [turn], [rewrites], k=12)
     expected = reciprocal_rank_fusion(retriever.search([turn.question, *rewrites], k=12), k=60, depth=12)
     assert fused == expected
+    assert SearchPlan("fusion").single_query(turn, rewrites) is None
 
 
 def test_scorer_and_evaluation_search_rewrites_the_same_way(retriever, data_cfg):
