@@ -22,8 +22,8 @@ import lightning as L
 from cqr_lightning.distributed import sample_seed
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import ParsedResponse, lenient_rewrite, parse_response, response_prefix
+from cqr_lightning.memory_errors import out_of_memory_named
 from cqr_lightning.models.generation import generate, texts_by_prompt
-from cqr_lightning.modules.memory_errors import out_of_memory_named
 from cqr_lightning.prompts import REWRITE_ONLY, THINK_REWRITE, format_response, render_prompt
 from cqr_lightning.records import Turn
 from cqr_lightning.scoring import rank_bucket

@@ -164,26 +164,29 @@ class ModelRewriter:
         ]
 
     def __call__(self, turns: Sequence[Turn]) -> list[Rewrite]:
+        from cqr_lightning.memory_errors import out_of_memory_named
         from cqr_lightning.models.generation import generate, texts_by_prompt
 
         prompts = self.prompts(turns)
-        greedy = generate(
-            self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
-        )
+        with out_of_memory_named("rewriter", "rewriting", self.memory_hints):
+            greedy = generate(
+                self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+            )
         extra: list[tuple[str, ...]] = [()] * len(turns)
         if self.num_samples > 1:
             n = self.num_samples - 1
-            sampled = generate(
-                self.model,
-                self.tokenizer,
-                prompts,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=True,
-                temperature=self.temperature,
-                num_return_sequences=n,
-                batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
-                seed=self._call_seeds.getrandbits(62),
-            )
+            with out_of_memory_named("rewriter", "sampling further rewrites", self.memory_hints):
+                sampled = generate(
+                    self.model,
+                    self.tokenizer,
+                    prompts,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=True,
+                    temperature=self.temperature,
+                    num_return_sequences=n,
+                    batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
+                    seed=self._call_seeds.getrandbits(62),
+                )
             per_turn = texts_by_prompt(sampled, len(turns))
             extra = [
                 tuple(self.read(text)[0] or turn.question for text in texts)
@@ -194,6 +197,15 @@ class ModelRewriter:
             rewrite, text, format_ok = self.read(sample.text)
             rewrites.append(Rewrite(rewrite or turn.question, text, format_ok, samples))
         return rewrites
+
+    def memory_hints(self) -> list[str]:
+        """The settings that lower rewriting's memory (under train.py's tables they sit under `eval.`)."""
+        return [
+            f"rewriter.batch_size={self.batch_size} (sequences a generate call holds; eval.rewriter.batch_size in "
+            "train.py's tables)",
+            f"rewriter.max_new_tokens={self.max_new_tokens}",
+            f"model.max_prompt_length={self.max_prompt_length}",
+        ]
 
     def read(self, generated: str) -> tuple[str | None, str, bool]:
         """(the rewrite or None, the full response, whether it is well formed) of one generated continuation."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cqr_lightning.errors import ConfigError, user_error
-from cqr_lightning.modules.memory_errors import (
+from cqr_lightning.memory_errors import (
     OutOfDeviceMemory,
     checkpointing_on,
     loss_pass_hints,
@@ -57,3 +57,27 @@ def test_checkpointing_on_reads_the_flag_of_the_policys_base_model(tiny_model_cf
     with_checkpoints = load_policy(OmegaConf.merge(tiny_model_cfg, {"gradient_checkpointing": True}))
     without = load_policy(OmegaConf.merge(tiny_model_cfg, {"gradient_checkpointing": False}))
     assert checkpointing_on(with_checkpoints) is True and checkpointing_on(without) is False
+
+
+def test_running_out_of_memory_while_rewriting_names_the_rewriter_settings(tiny_model_cfg, data_cfg):
+    from cqr_lightning.models.loading import load_policy, load_tokenizer
+    from cqr_lightning.readers import read_jsonl_turns
+    from cqr_lightning.rewriters import ModelRewriter
+
+    model = load_policy(tiny_model_cfg, trainable=False)
+
+    def failing(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+
+    model.generate = failing
+    rewriter = ModelRewriter(model, load_tokenizer(tiny_model_cfg), max_prompt_length=1024, max_new_tokens=8)
+    turns = list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))[:2]
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        rewriter(turns)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("rewriter: the device ran out of memory during rewriting (CUDA out of memory.")
+    assert lines[2:] == [
+        "  rewriter.batch_size=8 (sequences a generate call holds; eval.rewriter.batch_size in train.py's tables)",
+        "  rewriter.max_new_tokens=8",
+        "  model.max_prompt_length=1024",
+    ]

@@ -406,7 +406,7 @@ def fail_for_memory(policy, method: str, when=lambda: True) -> None:
 def test_running_out_of_memory_in_the_loss_pass_names_the_settings_that_lower_it(
     tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
 ):
-    from cqr_lightning.modules.memory_errors import OutOfDeviceMemory, checkpointing_on
+    from cqr_lightning.memory_errors import OutOfDeviceMemory, checkpointing_on
 
     policy = policy_with_random_lora_b(tiny_model_cfg)
     fail_for_memory(policy, "forward", when=torch.is_grad_enabled)  # sampling and the reference pass still run
@@ -426,7 +426,7 @@ def test_running_out_of_memory_in_the_loss_pass_names_the_settings_that_lower_it
 def test_running_out_of_memory_while_sampling_names_the_generation_settings(
     tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
 ):
-    from cqr_lightning.modules.memory_errors import OutOfDeviceMemory
+    from cqr_lightning.memory_errors import OutOfDeviceMemory
 
     policy = policy_with_random_lora_b(tiny_model_cfg)
     fail_for_memory(policy, "generate")

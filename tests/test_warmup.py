@@ -247,7 +247,7 @@ class FailingBackward(WarmupModule):
 def test_running_out_of_memory_in_sft_names_the_batch_and_length_settings(
     where, tmp_path, tiny_model_cfg, tokenizer, data_cfg
 ):
-    from cqr_lightning.modules.memory_errors import OutOfDeviceMemory
+    from cqr_lightning.memory_errors import OutOfDeviceMemory
 
     distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
     policy = load_policy(tiny_model_cfg)
@@ -341,7 +341,7 @@ def test_lenient_rewrite_reads_the_first_line_after_the_tag_up_to_a_prompt_echo(
 
 def test_running_out_of_memory_while_self_distilling_names_the_sampling_settings(tiny_model_cfg, tokenizer, data_cfg):
     from cqr_lightning.distill import RewriteSampler
-    from cqr_lightning.modules.memory_errors import OutOfDeviceMemory
+    from cqr_lightning.memory_errors import OutOfDeviceMemory
     from data_modules.conversations import TurnBatch
 
     policy = load_policy(tiny_model_cfg, trainable=False)

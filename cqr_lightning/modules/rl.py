@@ -29,9 +29,9 @@ import torch
 from cqr_lightning.distributed import sample_seed
 from cqr_lightning.grpo.losses import advantage_scale_name, group_advantages, grpo_loss
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs
+from cqr_lightning.memory_errors import checkpointing_on, loss_pass_hints, out_of_memory_named
 from cqr_lightning.models.generation import generate
 from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
-from cqr_lightning.modules.memory_errors import checkpointing_on, loss_pass_hints, out_of_memory_named
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.scoring import reward_statistics

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from cqr_lightning.memory_errors import checkpointing_on, loss_pass_hints, out_of_memory_named
 from cqr_lightning.modules.gradient_guard import NonFiniteGradientGuard
-from cqr_lightning.modules.memory_errors import checkpointing_on, loss_pass_hints, out_of_memory_named
 from cqr_lightning.modules.policy import PolicyModule
 from cqr_lightning.optim import build_optimizer, build_scheduler
 from cqr_lightning.sft import build_sft_batch, response_token_loss
