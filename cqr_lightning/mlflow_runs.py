@@ -111,6 +111,9 @@ def tracked_runs(cfg: DictConfig, run_dir: Path, pipeline: bool) -> Iterator[Non
     if not cfg.logger.enabled or not is_main_process():  # other ranks of a multi-GPU run log nothing
         yield
         return
+    from cqr_lightning.tracking import check_tracking_server
+
+    check_tracking_server(cfg.logger)  # at once, not after MLflow's minutes of retries
     _opened.clear()
     if pipeline:
         open_parent_run(cfg, run_dir)

@@ -141,5 +141,10 @@ def check_training_inputs(cfg) -> None:
 
 
 def check_evaluation_inputs(cfg) -> None:
-    """Pre-flight of an evaluation: the rewriter's batch size, the corpus and the evaluated split."""
+    """Pre-flight of an evaluation: the rewriter's batch size, the tracking server, the corpus and the evaluated
+    split."""
+    if cfg.get("logger") is not None and cfg.logger.get("enabled"):
+        from cqr_lightning.tracking import check_tracking_server
+
+        check_tracking_server(cfg.logger)
     check_inputs(cfg, {str(cfg.data.eval_split): "data.eval_split"}, ["rewriter"])

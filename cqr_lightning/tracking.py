@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cqr_lightning.errors import ConfigError
+
 
 def metric_key(name: str) -> str:
     """MLflow-safe metric name: `val/mrr@3` -> `val/mrr_at_3`."""
@@ -29,6 +31,31 @@ def flatten_params(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, str
 
     walk(container, prefix)
     return flat
+
+
+def check_tracking_server(logger_cfg, timeout: float = 5.0) -> None:
+    """ConfigError naming `logger.tracking_uri` when it is an http(s) address where nothing answers: MLflow itself
+    would retry for minutes and then fail with a traceback. Any HTTP answer (even an error status from a proxy or an
+    authentication wall) counts as reachable and is left to MLflow; other URIs (sqlite, file, databricks) are not
+    probed."""
+    import urllib.error
+    import urllib.request
+
+    uri = str(logger_cfg.tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # a server answered
+    except (urllib.error.URLError, OSError) as error:  # refused, unknown host, timed out
+        reason = getattr(error, "reason", error)
+        raise ConfigError(
+            f"logger.tracking_uri={uri}: no MLflow tracking server answers there ({reason}). Start it (mlflow server "
+            "...), point logger.tracking_uri at a running one, or log locally with "
+            "logger.tracking_uri=sqlite:///mlruns/mlflow.db (logger=none turns logging off)"
+        ) from None
 
 
 def tracking_uri(logger_cfg) -> str:

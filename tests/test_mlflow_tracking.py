@@ -101,3 +101,72 @@ def test_runs_of_a_failed_or_stopped_call_are_not_left_running(tmp_path):
         note_run(cfg, child, resumed=True)
     assert statuses() == ["FINISHED", "FINISHED"]
     assert (tmp_path / PARENT_FILE).is_file()
+
+
+def free_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serving(status: int):
+    """A real HTTP server on a free local port answering every GET with `status`; the caller shuts it down."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_an_unreachable_tracking_server_stops_at_once_naming_the_setting(tmp_path):
+    import time
+
+    from cqr_lightning.errors import ConfigError
+    from cqr_lightning.mlflow_runs import PARENT_FILE
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = OmegaConf.create({"logger": {"enabled": True, "tracking_uri": uri, "experiment_name": "x"}})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"logger.tracking_uri={uri}: no MLflow tracking server answers there"):
+        with tracked_runs(cfg, tmp_path, pipeline=True):
+            pytest.fail("the run started without a tracking server")
+    assert time.monotonic() - started < 30, "not after MLflow's minutes of retries"
+    assert not (tmp_path / PARENT_FILE).exists()
+
+
+@pytest.mark.parametrize("status", [200, 404, 401])
+def test_any_http_answer_counts_as_a_reachable_tracking_server(status):
+    from cqr_lightning.tracking import check_tracking_server
+
+    server = serving(status)
+    try:
+        check_tracking_server(OmegaConf.create({"tracking_uri": f"http://127.0.0.1:{server.server_port}/"}))
+    finally:
+        server.shutdown()
+    check_tracking_server(OmegaConf.create({"tracking_uri": "sqlite:///nowhere/m.db"}))  # local stores: no probe
+
+
+def test_evaluation_checks_its_tracking_server_before_any_model_loads(fixture_data_dir, tmp_path):
+    from test_evaluate import evaluate_cfg
+
+    from cqr_lightning.errors import ConfigError
+    from cqr_lightning.preflight import check_evaluation_inputs
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = evaluate_cfg(fixture_data_dir, tmp_path, tmp_path / "m.db", f"logger.tracking_uri={uri}")
+    assert cfg.logger.enabled
+    with pytest.raises(ConfigError, match="logger.tracking_uri"):
+        check_evaluation_inputs(cfg)
