@@ -6,6 +6,8 @@ A key of `conf/trainer/*.yaml` is a Trainer argument. The stages set the flags t
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.errors import ConfigError
@@ -56,6 +58,28 @@ def check_trainer_settings(cfg: DictConfig) -> None:
             f"trainer.devices={devices} and trainer.num_nodes={nodes} need trainer.strategy=ddp (or trainer=ddp)"
         )
     check_precision(flags.get("precision"), cfg.model)
+    check_gpus(str(flags.get("accelerator", "auto")), devices)
+
+
+def check_gpus(accelerator: str, devices) -> None:
+    """Refuse a GPU accelerator torch cannot see, or more devices per node than are visible (Lightning's own errors
+    name neither the setting nor the cause)."""
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch {torch.__version__} ({build}) sees no GPU: use "
+            "trainer.accelerator=cpu (or auto), or run on a machine whose GPU this torch can use"
+        )
+    if isinstance(devices, int) and devices > visible:
+        raise ConfigError(
+            f"trainer.devices={devices}, but this machine shows {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower trainer.devices"
+        )
 
 
 def check_precision(precision, model_cfg) -> None:

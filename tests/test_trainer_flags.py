@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from cqr_lightning.config import compose_train_config as compose_train
@@ -18,8 +19,8 @@ def test_default_group_passes_lightning_flags_and_keeps_the_accelerator_override
 
 
 def test_ddp_group_is_two_devices_with_a_ddp_strategy_that_does_not_sync_buffers_each_forward():
-    cfg = compose_train(["trainer=ddp", "trainer.accelerator=gpu"])
-    assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    cfg = compose_train(["trainer=ddp", "trainer.accelerator=cpu"])  # gloo: runs on any machine
+    assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "cpu"
     strategy = trainer_flags(cfg)["strategy"]
     assert isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs == {"broadcast_buffers": False}
 
@@ -49,3 +50,12 @@ def test_conflicting_settings_stop_naming_the_setting(override, message):
 def test_precision_matching_the_compute_dtype_is_accepted():
     check_trainer_settings(compose_train(["model=tiny", "trainer.precision=bf16-mixed"]))
     check_trainer_settings(compose_train(["model=tiny", "model.compute_dtype=float32", "trainer.precision=32-true"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_a_gpu_accelerator_without_a_visible_gpu_stops_naming_the_setting():
+    with pytest.raises(
+        ConfigError, match=r"trainer.accelerator=gpu, but torch .* sees no GPU: use trainer.accelerator"
+    ):
+        check_trainer_settings(compose_train(["model=tiny", "trainer.accelerator=gpu"]))
+    check_trainer_settings(compose_train(["model=tiny", "trainer.accelerator=cpu"]))
