@@ -458,3 +458,26 @@ def test_turns_solved_by_question_are_those_whose_question_ranks_gold_high_enoug
     assert turns_solved_by_question(iter(turns), retriever, 3, batch_size=5)[0] == top_three
     with pytest.raises(ValueError, match="max_rank"):
         turns_solved_by_question(turns, retriever, 0)
+
+
+def test_running_out_of_memory_while_validating_names_the_validation_batch(
+    tiny_model_cfg, tokenizer, data_cfg, retriever
+):
+    from cqr_lightning.memory_errors import OutOfDeviceMemory
+    from cqr_lightning.readers import read_jsonl_turns
+    from data_modules.conversations import TurnBatch
+
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    fail_for_memory(policy, "generate")
+    module = RLModule(
+        policy, tokenizer, max_new_tokens=6, max_prompt_length=256, val_batch_size=5, scorer=RetrievalScorer(retriever)
+    )
+    turns = list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))[:2]
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        module.validation_step(TurnBatch(turns, position=None), 0)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("rl: the device ran out of memory during validation (CUDA out of memory.")
+    assert lines[2:] == [
+        "  rl.val_batch_size=5 (turns a validation generate call holds)",
+        "  model.max_prompt_length=256",
+    ]

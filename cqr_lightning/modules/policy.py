@@ -18,6 +18,7 @@ import torch
 from cqr_lightning.distributed import gather_objects
 from cqr_lightning.evaluation import SHARE_NAMES
 from cqr_lightning.formatting import parse_response
+from cqr_lightning.memory_errors import out_of_memory_named
 from cqr_lightning.metrics import METRIC_NAMES, aggregate_metrics
 from cqr_lightning.models.generation import generate
 from cqr_lightning.prompts import THINK_REWRITE, render_prompt
@@ -53,6 +54,8 @@ class PolicyModule(L.LightningModule):
     The first validation also searches each turn's question as asked, the baseline a rewriter has to beat:
     `raw_question_metrics` holds its means under the validation keys (`val/mrr_at_3`, ...), for callbacks to
     record; it is computed once per module, since the question does not change with training."""
+
+    stage_name = "policy"  # the config group of the stage's settings (rl, warmup), for error messages
 
     def __init__(
         self,
@@ -93,14 +96,15 @@ class PolicyModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         turns = batch.turns
-        samples = generate(
-            self.generation_model(),
-            self.tokenizer,
-            self.prompts(turns),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            batch_size=self.val_batch_size,
-        )
+        with out_of_memory_named(self.stage_name, "validation", self.validation_memory_hints):
+            samples = generate(
+                self.generation_model(),
+                self.tokenizer,
+                self.prompts(turns),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                batch_size=self.val_batch_size,
+            )
         parsed = [parse_response(s.text, self.response_format) for s in samples]
         results = self.scorer.evaluate(turns, [p.rewrite for p in parsed])
         for p, result in zip(parsed, results, strict=True):
@@ -109,6 +113,12 @@ class PolicyModule(L.LightningModule):
                 self._val_results.append({**result.metrics, **shares})
         if self.raw_question_metrics is None:  # the same turns, searched with the question as asked
             self._raw_rows += [r.metrics for r in self.scorer.evaluate(turns, [None] * len(turns)) if r.metrics]
+
+    def validation_memory_hints(self) -> list[str]:
+        return [
+            f"{self.stage_name}.val_batch_size={self.val_batch_size} (turns a validation generate call holds)",
+            f"model.max_prompt_length={self.max_prompt_length}",
+        ]
 
     def on_validation_epoch_end(self) -> None:
         if self.raw_question_metrics is None:

@@ -40,6 +40,8 @@ REFERENCE_ADAPTER = "reference"
 
 
 class RLModule(PolicyModule):
+    stage_name = "rl"
+
     def __init__(
         self,
         policy,
@@ -208,7 +210,7 @@ class RLModule(PolicyModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        out_of_memory = out_of_memory_named("rl", name, lambda: self.memory_hints(name))
+        out_of_memory = out_of_memory_named(self.stage_name, name, lambda: self.memory_hints(name))
         with out_of_memory, torch.profiler.record_function(f"phase/{name}"):
             yield
             if self.device.type == "cuda":  # inside the range, so that a profiler's range covers the phase's kernels

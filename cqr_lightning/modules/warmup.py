@@ -13,6 +13,8 @@ class WarmupModule(PolicyModule):
     """Automatic optimisation; the Trainer clips gradients and accumulates. Batches hold distilled rows. A step whose
     gradient is not finite applies no update (cqr_lightning/modules/gradient_guard.py)."""
 
+    stage_name = "warmup"
+
     def __init__(
         self,
         policy,
@@ -42,7 +44,7 @@ class WarmupModule(PolicyModule):
         )
         tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self._rows_per_step = len(rows) * self.trainer.world_size  # for memory_hints
-        with out_of_memory_named("warmup", "the SFT forward pass", self.memory_hints):
+        with out_of_memory_named(self.stage_name, "the SFT forward pass", self.memory_hints):
             logits = self.policy(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
             loss = response_token_loss(logits, tensors["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
@@ -50,7 +52,7 @@ class WarmupModule(PolicyModule):
         return loss
 
     def backward(self, loss, *args, **kwargs) -> None:
-        with out_of_memory_named("warmup", "the SFT backward pass", self.memory_hints):
+        with out_of_memory_named(self.stage_name, "the SFT backward pass", self.memory_hints):
             super().backward(loss, *args, **kwargs)
 
     def memory_hints(self) -> list[str]:
