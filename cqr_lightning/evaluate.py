@@ -3,7 +3,8 @@
     python -m cqr_lightning.evaluate data=jsonl data.dir=../shared/data/convsearch-pack \
         data.eval_split=dev retriever=bm25s rewriter=raw output_dir=OUT
 
-Prints a table, writes `<output_dir>/metrics.json`, `<output_dir>/rewrites.jsonl` (query, best gold rank,
+Prints a table, writes `<output_dir>/metrics.json`, `<output_dir>/groups.json` (the same metrics within first turns,
+later turns and each `source`), `<output_dir>/rewrites.jsonl` (query, best gold rank,
 metrics per turn), `<output_dir>/run.trec` and `qrels.trec` (TREC run and qrels: trec_eval on them gives
 metrics.json's figures) and `<output_dir>/config.yaml` (the settings as run) and logs params, metrics and the files
 to MLflow. With `rewriter=model model.adapter=PATH`, the settings recorded in `PATH/cqr_rewriter.json` (base model,
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cqr_lightning.config import CONF_DIR, own_job_folder, register_resolvers
 from cqr_lightning.errors import DataError, user_errors_reported
-from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize
+from cqr_lightning.evaluation import TurnResult, format_table, score_turns, summarize, summarize_groups
 from cqr_lightning.io_utils import write_json, write_jsonl
 from cqr_lightning.preflight import check_evaluation_inputs
 from cqr_lightning.readers import split_path, turn_reader
@@ -142,6 +143,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     metrics["rewrites_per_turn"] = 1 + max((len(r.samples) for r in rewrites), default=0)
     metrics["seconds"] = time.perf_counter() - started
     write_json(output_dir / "metrics.json", metrics)
+    groups = summarize_groups(turns, results)
+    write_json(output_dir / "groups.json", groups)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # as run, adapter settings included
     write_jsonl(output_dir / "rewrites.jsonl", (r.to_json() for r in results))
     tag = f"cqr_{cfg.rewriter.name}_{plan.query_mode}"
@@ -149,7 +152,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     write_lines(output_dir / "qrels.trec", qrels_lines(turns))
     label = f"{cfg.rewriter.name} / {cfg.retriever.name} / {plan.query_mode} / {cfg.data.eval_split}"
     print(format_table({label: metrics}))
-    print(f"wrote metrics.json, rewrites.jsonl, run.trec and qrels.trec to {output_dir}")
+    print(format_table({f"  {name}": row for name, row in groups.items()}))
+    print(f"wrote metrics.json, groups.json, rewrites.jsonl, run.trec and qrels.trec to {output_dir}")
     if cfg.logger.enabled:
         log_to_mlflow(cfg, metrics, results, output_dir)
     return metrics
@@ -167,7 +171,7 @@ def log_to_mlflow(cfg: DictConfig, metrics: dict, results: list[TurnResult], out
         mlflow.log_params(flatten_params(cfg))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         mlflow.log_metrics({metric_key(f"eval/{k}"): v for k, v in numeric.items()})
-        for name in ("metrics.json", "rewrites.jsonl", "run.trec", "qrels.trec"):
+        for name in ("metrics.json", "groups.json", "rewrites.jsonl", "run.trec", "qrels.trec"):
             mlflow.log_artifact(str(output_dir / name))
         log.info("MLflow run %s in %s", run.info.run_id, cfg.logger.tracking_uri)
 

@@ -102,6 +102,31 @@ def summarize(results: Sequence[TurnResult]) -> dict[str, float]:
     return aggregate_metrics({r.turn_id: r.metrics for r in results if r.metrics})
 
 
+def turn_groups(turns: Sequence[Turn]) -> dict[str, list[str]]:
+    """Turn ids by group: first turns (no history) and later turns, then each `source` when there are several."""
+    groups: dict[str, list[str]] = {
+        "first turns": [t.id for t in turns if not t.history],
+        "later turns": [t.id for t in turns if t.history],
+    }
+    sources = sorted({t.source for t in turns if t.source})
+    if len(sources) > 1:
+        for source in sources:
+            groups[f"source {source}"] = [t.id for t in turns if t.source == source]
+    return {name: ids for name, ids in groups.items() if ids}
+
+
+def summarize_groups(turns: Sequence[Turn], results: Sequence[TurnResult]) -> dict[str, dict[str, float]]:
+    """`summarize` within each of `turn_groups` (groups without judged turns left out), with each group's share of
+    turns searched as asked (`copy_rate`)."""
+    by_id = {r.turn_id: r for r in results}
+    table: dict[str, dict[str, float]] = {}
+    for name, ids in turn_groups(turns).items():
+        members = [by_id[i] for i in ids if i in by_id]
+        if any(r.metrics for r in members):
+            table[name] = {**summarize(members), "copy_rate": sum(r.as_asked for r in members) / len(members)}
+    return table
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per named result, metrics in percent.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -53,6 +54,29 @@ def test_raw_and_human_rewrites(fixture_data_dir, tmp_path):
     assert len(runs) == 2
     assert {r.data.params["rewriter.name"] for r in runs} == {"raw", "human"}
     assert all("eval/mrr_at_3" in r.data.metrics for r in runs)
+
+
+def test_groups_json_holds_the_metrics_within_first_turns_later_turns_and_each_source(fixture_data_dir, tmp_path):
+    from cqr_lightning.evaluation import TurnResult, summarize_groups, turn_groups
+    from cqr_lightning.readers import read_jsonl_turns
+
+    out = tmp_path / "raw"
+    run_evaluation(evaluate_cfg(fixture_data_dir, out, tmp_path / "m.db", "rewriter=raw", "logger=none"))
+    groups = json.loads((out / "groups.json").read_text())
+    rows = {r["id"]: r for r in map(json.loads, (out / "rewrites.jsonl").read_text().splitlines())}
+    turns = list(read_jsonl_turns(fixture_data_dir / "dev.jsonl"))
+    first = [t.id for t in turns if not t.history]
+    assert list(groups) == ["first turns", "later turns"], "one source in the fixture: no source groups"
+    assert groups["first turns"]["n"] == len(first) and groups["later turns"]["n"] == len(turns) - len(first)
+    assert groups["first turns"]["mrr@3"] == pytest.approx(sum(rows[i]["mrr@3"] for i in first) / len(first))
+    sourced = [dataclasses.replace(t, source="a" if i % 2 else "b") for i, t in enumerate(turns)]
+    assert list(turn_groups(sourced)) == ["first turns", "later turns", "source a", "source b"]
+    results = [
+        TurnResult(t.id, t.question, 1, [], dict.fromkeys(METRIC_NAMES, float(i % 2))) for i, t in enumerate(turns)
+    ]
+    by_source = summarize_groups(sourced, results)
+    assert by_source["source b"]["n"] == 2 and by_source["source b"]["mrr@3"] == 0.0
+    assert by_source["source a"]["mrr@3"] == 1.0 and by_source["source a"]["copy_rate"] == 0.0
 
 
 def test_history_rewriter_uses_earlier_user_turns(fixture_data_dir, tmp_path):
