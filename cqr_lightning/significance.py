@@ -14,6 +14,8 @@ sides, give the baseline recipe's other seeds with `--baseline-also` (repeatable
 
     python -m cqr_lightning.significance a-seed0.jsonl b-seed0.jsonl b-seed1.jsonl \
         --baseline-also a-seed1.jsonl --metric mrr@3
+
+`--turns <the evaluated split's JSONL>` adds the same test within first turns, later turns and each `source`.
 """
 
 from __future__ import annotations
@@ -109,16 +111,13 @@ def _as_path_list(paths: str | Path | Sequence[str | Path]) -> list[str | Path]:
     return [paths] if isinstance(paths, (str, Path)) else list(paths)
 
 
-def compare_files(
+def paired_means(
     baseline_paths: str | Path | Sequence[str | Path],
     candidate_paths: str | Path | Sequence[str | Path],
     metric: str = "mrr@3",
-    *,
-    samples: int = 10_000,
-    seed: int = 0,
-) -> PairedComparison:
-    """Pair evaluations of the same turns and test the candidate's mean difference. Several files on either
-    side (one recipe's seeds) are averaged turn by turn first; every file must score the same turns."""
+) -> tuple[list[str], list[float], list[float]]:
+    """The turns both sides score, with each side's per-turn `metric` averaged over its files (one recipe's seeds);
+    every file must score the same turns."""
     baseline_paths, candidate_paths = _as_path_list(baseline_paths), _as_path_list(candidate_paths)
     if not baseline_paths:
         raise ValueError("no baseline evaluation to compare against")
@@ -133,7 +132,44 @@ def compare_files(
     turns = sorted(reference)
     baseline_means = [float(np.mean([scores[t] for scores in baselines])) for t in turns]
     candidate_means = [float(np.mean([scores[t] for scores in candidates])) for t in turns]
+    return turns, baseline_means, candidate_means
+
+
+def compare_files(
+    baseline_paths: str | Path | Sequence[str | Path],
+    candidate_paths: str | Path | Sequence[str | Path],
+    metric: str = "mrr@3",
+    *,
+    samples: int = 10_000,
+    seed: int = 0,
+) -> PairedComparison:
+    """Pair evaluations of the same turns and test the candidate's mean difference. Several files on either
+    side (one recipe's seeds) are averaged turn by turn first; every file must score the same turns."""
+    _, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
     return paired_randomization_test(baseline_means, candidate_means, samples=samples, seed=seed)
+
+
+def compare_files_by_group(
+    baseline_paths: str | Path | Sequence[str | Path],
+    candidate_paths: str | Path | Sequence[str | Path],
+    groups: dict[str, Sequence[str]],
+    metric: str = "mrr@3",
+    *,
+    samples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, PairedComparison]:
+    """`compare_files` within each group of turn ids (e.g. `evaluation.turn_groups`: first turns, later turns,
+    each source); ids the evaluations do not score are ignored, and groups left empty are left out."""
+    turns, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
+    place = {turn: i for i, turn in enumerate(turns)}
+    results = {}
+    for name, ids in groups.items():
+        members = [place[i] for i in ids if i in place]
+        if members:
+            results[name] = paired_randomization_test(
+                [baseline_means[i] for i in members], [candidate_means[i] for i in members], samples=samples, seed=seed
+            )
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> PairedComparison:
@@ -150,14 +186,29 @@ def main(argv: Sequence[str] | None = None) -> PairedComparison:
         metavar="PATH",
         help="another run of the baseline recipe (a seed), averaged per turn with the baseline; repeatable",
     )
+    parser.add_argument(
+        "--turns",
+        type=Path,
+        metavar="PATH",
+        help="the evaluated turn file (JSONL): also test within first turns, later turns and each source",
+    )
     parser.add_argument("--metric", default="mrr@3", choices=METRIC_NAMES)
     parser.add_argument("--samples", type=int, default=10_000, help="random sign flips")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = compare_files(
-        [args.baseline, *args.baseline_also], args.candidate, args.metric, samples=args.samples, seed=args.seed
-    )
+    baselines = [args.baseline, *args.baseline_also]
+    result = compare_files(baselines, args.candidate, args.metric, samples=args.samples, seed=args.seed)
     print(result.describe(args.metric))
+    if args.turns is not None:
+        from cqr_lightning.evaluation import turn_groups
+        from cqr_lightning.readers import read_jsonl_turns
+
+        groups = turn_groups(list(read_jsonl_turns(args.turns, positives_optional=True)))
+        by_group = compare_files_by_group(
+            baselines, args.candidate, groups, args.metric, samples=args.samples, seed=args.seed
+        )
+        for name, comparison in by_group.items():
+            print(f"  {name}: {comparison.describe(args.metric)}")
     return result
 
 

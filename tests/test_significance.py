@@ -158,3 +158,34 @@ def test_two_recipes_are_compared_with_both_sides_averaged_over_their_seeds(tmp_
     short = write_rewrites(tmp_path / "a2.jsonl", [{"id": "x", "mrr@3": 1.0}])
     with pytest.raises(DataError, match=r"a2\.jsonl.*same turns"):
         compare_files([a0, short], b0)
+
+
+def test_turns_are_also_compared_within_first_turns_later_turns_and_each_source(tmp_path, capsys):
+    from cqr_lightning.significance import compare_files_by_group
+
+    turns = [  # c1 and c2 are conversations; x is judged nowhere (absent from the evaluations)
+        {"id": "c1_1", "source": "s1", "history": [], "question": "q", "positives": ["p"]},
+        {"id": "c1_2", "source": "s1", "history": [{"role": "user", "text": "q"}], "question": "q", "positives": ["p"]},
+        {"id": "c2_1", "source": "s2", "history": [], "question": "q", "positives": ["p"]},
+        {"id": "c2_2", "source": "s2", "history": [{"role": "user", "text": "q"}], "question": "q", "positives": ["p"]},
+        {"id": "x", "source": "s2", "history": [], "question": "q", "positives": ["p"]},
+    ]
+    turn_file = write_rewrites(tmp_path / "turns.jsonl", turns)
+    raw = {"c1_1": 1.0, "c1_2": 0.0, "c2_1": 0.5, "c2_2": 0.0}
+    model = {"c1_1": 1.0, "c1_2": 1.0, "c2_1": 0.5, "c2_2": 0.5}
+    baseline = write_rewrites(tmp_path / "raw.jsonl", [{"id": k, "mrr@3": v} for k, v in raw.items()])
+    candidate = write_rewrites(tmp_path / "model.jsonl", [{"id": k, "mrr@3": v} for k, v in model.items()])
+    groups = {"first": ["c1_1", "c2_1", "x"], "later": ["c1_2", "c2_2"], "none": ["x"]}
+    by_group = compare_files_by_group(baseline, candidate, groups, samples=100)
+    assert list(by_group) == ["first", "later"], "a group the evaluations do not score is left out"
+    assert by_group["first"].mean_difference == 0.0 and by_group["first"].equal == 2
+    assert by_group["later"].mean_difference == pytest.approx(0.75) and by_group["later"].better == 2
+    main([str(baseline), str(candidate), "--samples", "100", "--turns", str(turn_file)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "  first turns",
+        "  later turns",
+        "  source s1",
+        "  source s2",
+    ]
+    assert "+50.00 mrr@3 points over 2 turns" in lines[3] and "+25.00 mrr@3 points over 2 turns" in lines[4]
