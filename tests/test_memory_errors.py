@@ -17,6 +17,25 @@ from cqr_lightning.memory_errors import (
 TORCH_MESSAGE = "CUDA out of memory. Tried to allocate 656.00 MiB. GPU 0 has a total capacity of 139.80 GiB\nmore"
 
 
+def fail_for_memory(model, method: str, when=lambda: True) -> None:
+    """Make `model.<method>` raise CUDA's out-of-memory error (which a CPU cannot raise itself) while `when()`."""
+    original = getattr(model, method)
+
+    def failing(*args, **kwargs):
+        if when():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.5 GiB free.")
+        return original(*args, **kwargs)
+
+    setattr(model, method, failing)
+
+
+def out_of_memory_lines(call) -> list[str]:
+    """The lines of the OutOfDeviceMemory that `call()` raises."""
+    with pytest.raises(OutOfDeviceMemory) as caught:
+        call()
+    return str(caught.value).splitlines()
+
+
 def test_an_out_of_memory_error_becomes_a_user_error_naming_phase_torch_detail_and_hints():
     with pytest.raises(OutOfDeviceMemory) as caught:
         with out_of_memory_named("rl", "forward_backward", lambda: ["rl.micro_batch_size=32", "other"]):
@@ -65,16 +84,9 @@ def test_running_out_of_memory_while_rewriting_names_the_rewriter_settings(tiny_
     from cqr_lightning.rewriters import ModelRewriter
 
     model = load_policy(tiny_model_cfg, trainable=False)
-
-    def failing(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
-
-    model.generate = failing
+    fail_for_memory(model, "generate")
     rewriter = ModelRewriter(model, load_tokenizer(tiny_model_cfg), max_prompt_length=1024, max_new_tokens=8)
-    turns = list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))[:2]
-    with pytest.raises(OutOfDeviceMemory) as caught:
-        rewriter(turns)
-    lines = str(caught.value).splitlines()
+    lines = out_of_memory_lines(lambda: rewriter(list(read_jsonl_turns(f"{data_cfg.dir}/dev.jsonl"))[:2]))
     assert lines[0].startswith("rewriter: the device ran out of memory during rewriting (CUDA out of memory.")
     assert lines[2:] == [
         "  rewriter.batch_size=8 (sequences a generate call holds; eval.rewriter.batch_size in train.py's tables)",

@@ -247,22 +247,16 @@ class FailingBackward(WarmupModule):
 def test_running_out_of_memory_in_sft_names_the_batch_and_length_settings(
     where, tmp_path, tiny_model_cfg, tokenizer, data_cfg
 ):
-    from cqr_lightning.memory_errors import OutOfDeviceMemory
+    from test_memory_errors import fail_for_memory, out_of_memory_lines
 
     distilled = write_distilled(tmp_path / "distilled.jsonl", tokenizer)
     policy = load_policy(tiny_model_cfg)
     if where == "forward":
-
-        def failing(*args, **kwargs):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
-
-        policy.forward = failing
+        fail_for_memory(policy, "forward")
     module = (WarmupModule if where == "forward" else FailingBackward)(policy, tokenizer, max_length=128)
-    with pytest.raises(OutOfDeviceMemory) as caught:
-        trainer(tmp_path, 1, enable_checkpointing=False).fit(
-            module, datamodule=DistilledDataModule(distilled, data_cfg, batch_size=2)
-        )
-    message = str(caught.value)
+    run = trainer(tmp_path, 1, enable_checkpointing=False)
+    datamodule = DistilledDataModule(distilled, data_cfg, batch_size=2)
+    message = "\n".join(out_of_memory_lines(lambda: run.fit(module, datamodule=datamodule)))
     assert message.startswith(f"warmup: the device ran out of memory during the SFT {where} pass (CUDA out of memory.")
     assert "warmup.batch_size=2 (sequences a pass holds at once; e.g. 1)" in message
     assert message.endswith("warmup.max_length=128 (prompt and response tokens per row)")
@@ -340,21 +334,16 @@ def test_lenient_rewrite_reads_the_first_line_after_the_tag_up_to_a_prompt_echo(
 
 
 def test_running_out_of_memory_while_self_distilling_names_the_sampling_settings(tiny_model_cfg, tokenizer, data_cfg):
+    from test_memory_errors import fail_for_memory, out_of_memory_lines
+
     from cqr_lightning.distill import RewriteSampler
-    from cqr_lightning.memory_errors import OutOfDeviceMemory
     from data_modules.conversations import TurnBatch
 
     policy = load_policy(tiny_model_cfg, trainable=False)
-
-    def failing(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
-
-    policy.generate = failing
+    fail_for_memory(policy, "generate")
     sampler = RewriteSampler(policy, tokenizer, max_prompt_length=1024, num_samples=4, max_new_tokens=8)
-    turns = list(read_jsonl_turns(f"{data_cfg.dir}/train.jsonl"))[:3]
-    with pytest.raises(OutOfDeviceMemory) as caught:
-        sampler.predict_step(TurnBatch(turns, position=None), 0)
-    lines = str(caught.value).splitlines()
+    batch = TurnBatch(list(read_jsonl_turns(f"{data_cfg.dir}/train.jsonl"))[:3], position=None)
+    lines = out_of_memory_lines(lambda: sampler.predict_step(batch, 0))
     assert lines[0].startswith("warmup: the device ran out of memory during self-distillation sampling (CUDA out")
     assert lines[2:] == [
         "  warmup.sampling_batch_size=3 (turns per generate call, each sampled warmup.num_samples=4 times)",
