@@ -13,6 +13,7 @@ from cqr_lightning.grpo.rollout import pack_rollout, response_log_probs
 from cqr_lightning.models.generation import GeneratedSample
 from cqr_lightning.models.loading import load_adapter, load_policy, load_tokenizer, save_adapter
 from cqr_lightning.modules.rl import REFERENCE_ADAPTER, RLModule
+from cqr_lightning.readers import turn_reader
 from cqr_lightning.retrieval.factory import open_retriever
 from cqr_lightning.scoring import RetrievalScorer, RewardBatch
 from data_modules.conversations import ConversationDataModule
@@ -389,6 +390,33 @@ def test_a_static_cache_at_full_length_is_built_by_the_first_rollout_and_later_r
     assert widths[1][1:] == widths[0][1:], "later rollouts pad only to their bucket"
     for name, value in adapters[0].items():
         assert torch.allclose(value, adapters[1][name], atol=1e-6), name
+
+
+def test_static_decoding_fills_a_short_batch_to_the_widest_call_and_returns_only_its_own_samples(
+    tiny_model_cfg, tokenizer, data_cfg, retriever
+):
+    turns = list(turn_reader(data_cfg, "train")())[:5]
+    rows_by_mode = {}
+    for static in (False, True):
+        policy = load_policy(tiny_model_cfg)
+        rows: list[int] = []  # prompts in each generate call
+        generate_once = policy.generate
+
+        def recording_generate(*args, _rows=rows, _generate=generate_once, **kwargs):
+            _rows.append(kwargs["input_ids"].shape[0])
+            return _generate(*args, **kwargs)
+
+        policy.generate = recording_generate
+        module = RLModule(policy, tokenizer, group_size=2, max_new_tokens=4, max_prompt_length=256,
+                          scorer=RetrievalScorer(retriever), seed=3, static_decoding=static)  # fmt: skip
+        module.sample(turns[:3])
+        short = module.sample(turns[3:], indices=[3, 4])
+        rows_by_mode[static] = rows
+        assert [s.prompt_index for s in short] == [0, 0, 1, 1], "two samples for each of the two turns, no filler"
+        prompt_ids = [tuple(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in module.prompts(turns[3:])]
+        assert [s.prompt_ids for s in short] == [prompt_ids[0]] * 2 + [prompt_ids[1]] * 2
+    assert rows_by_mode[False] == [3, 2], "without a static cache each call samples its own batch"
+    assert rows_by_mode[True] == [3, 3], "the short batch keeps the static cache's batch size"
 
 
 def test_running_out_of_memory_in_the_loss_pass_names_the_settings_that_lower_it(

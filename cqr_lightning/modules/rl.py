@@ -104,6 +104,7 @@ class RLModule(PolicyModule):
         # at its full length once and later (bucketed) calls reuse it instead of growing it and recompiling
         self.static_cache_at_full_length = static_cache_at_full_length
         self._full_static_cache_built = False
+        self._widest_generation_call = 0  # prompts in this process's largest generate call
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
         self.logprob_chunk_size = logprob_chunk_size  # None: all of a micro-batch's logits at once
@@ -164,10 +165,11 @@ class RLModule(PolicyModule):
         step = self.generation_batch_size or len(turns)
         samples = []
         for start in range(0, len(turns), step):
+            part = prompts[start : start + step]
             chunk = generate(
                 self.generation_model(),
                 self.tokenizer,
-                prompts[start : start + step],
+                self.static_batch_prompts(part),
                 max_new_tokens=self.max_new_tokens,
                 min_new_tokens=self.min_new_tokens,
                 do_sample=True,
@@ -178,8 +180,17 @@ class RLModule(PolicyModule):
                 static_cache_width=self.max_prompt_length if self.static_decoding else None,
                 static_cache_bucket=self.next_static_prompt_bucket(),
             )
-            samples += [replace(s, prompt_index=start + s.prompt_index) for s in chunk]
+            samples += [replace(s, prompt_index=start + s.prompt_index) for s in chunk if s.prompt_index < len(part)]
         return sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous
+
+    def static_batch_prompts(self, prompts: list[str]) -> list[str]:
+        """With static decoding, `prompts` filled up to the most prompts a generate call of this process has had so far
+        by repeating the last one (the caller drops the filler's samples): a short batch, such as the last one of an
+        epoch, keeps the static cache's batch size, so decoding is not compiled again for one step."""
+        if not self.static_decoding:
+            return prompts
+        self._widest_generation_call = max(self._widest_generation_call, len(prompts))
+        return prompts + [prompts[-1]] * (self._widest_generation_call - len(prompts))
 
     def next_static_prompt_bucket(self) -> int | None:
         """The bucket for the next generate call: none (full width) for this process's first call when the static
