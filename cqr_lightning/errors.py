@@ -34,6 +34,11 @@ class RetrievalError(RuntimeError):
     """The retriever could not answer (missing index, JVM failure, ...)."""
 
 
+def first_line(error: BaseException, default: str = "") -> str:
+    """The first non-blank line of `error`'s message, stripped (libraries put the gist there, details below)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), default)
+
+
 def user_error(error: BaseException | None) -> BaseException | None:
     """The DataError, ConfigError or full-disk OSError behind `error`, else None (a bug, whose traceback helps).
 

