@@ -151,6 +151,9 @@ def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--static-bucket", type=int, default=None, help="with --static: rl.static_prompt_bucket (none: --max-prompt)"
     )
+    parser.add_argument(
+        "--loop", action="store_true", help="with --static: our decoding loop (rl.static_decoding_loop), not generate"
+    )
     parser.add_argument("--long-context", action="store_true", help="long histories: prompts fill --max-prompt")
     parser.add_argument("--entropy-coef", type=float, default=0.0, help="rl.entropy_coef (0: no entropy pass)")
     parser.add_argument("--logprob-chunk-size", type=int, default=None, help="rl.logprob_chunk_size (none: off)")
@@ -204,6 +207,7 @@ def workload_config(args, model_cfg):
             f"rl.fast_sampling={args.fast}",
             f"rl.static_decoding={args.static}",
             f"rl.static_prompt_bucket={'null' if args.static_bucket is None else args.static_bucket}",
+            f"rl.static_decoding_loop={args.static and args.loop}",
             f"rl.logprob_chunk_size={'null' if args.logprob_chunk_size is None else args.logprob_chunk_size}",
         ]
     )
@@ -275,6 +279,7 @@ def main() -> None:
     variant += ("_fast" if args.fast else "") + ("_static" if args.static else "")
     variant += f"_mb{args.micro_batch}" + ("_nockpt" if args.no_grad_ckpt else "")
     variant += f"_bucket{args.static_bucket}" if args.static and args.static_bucket else ""
+    variant += "_loop" if args.static and args.loop else ""
     variant += f"_chunk{args.logprob_chunk_size}" if args.logprob_chunk_size else ""
     name = f"grpo_step_p{args.prompts}_g{args.group}_r{args.response}{variant}.json"
     (args.out / name).write_text(json.dumps(summary, indent=2))

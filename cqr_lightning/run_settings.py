@@ -42,6 +42,7 @@ FREE_KEYS = (
     "rl.static_decoding",
     "rl.static_prompt_bucket",
     "rl.static_cache_at_full_length",
+    "rl.static_decoding_loop",
     "warmup.sampling_batch_size",
 )
 # how often to checkpoint, validate or log, and on how many turns, does not change the trained weights either

@@ -494,3 +494,22 @@ def test_running_out_of_memory_while_validating_names_the_validation_batch(
         "  rl.val_batch_size=5 (turns a validation generate call holds)",
         "  model.max_prompt_length=256",
     ]
+
+
+def test_our_decoding_loop_replaces_generate_in_rollouts_and_the_adapter_trains(
+    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
+):
+    policy = policy_with_random_lora_b(tiny_model_cfg)
+    before = lora_state(policy)
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("transformers' generate was called")
+
+    policy.generate = no_generate
+    module = fit_seeded(policy, tokenizer, retriever, data_cfg, 2, tmp_path, static_decoding=True,
+                        static_decoding_loop=True)  # fmt: skip
+    assert module.global_step == 2
+    after = lora_state(policy)
+    assert any(not torch.equal(before[name], after[name]) for name in before), "no LoRA weight changed"
+    with pytest.raises(ValueError, match="rl.static_decoding=true"):
+        RLModule(policy, tokenizer, scorer=RetrievalScorer(retriever), static_decoding_loop=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cqr_lightning.models.decode_loop import decode
+
 STOP_REWRITE = ("</rewrite>",)
 
 
@@ -154,6 +156,7 @@ def generate(
     seed: int | None = None,
     static_cache_width: int | None = None,
     static_cache_bucket: int | None = None,
+    decode_loop: bool = False,
 ) -> list[GeneratedSample]:
     """Sample `num_return_sequences` responses for each prompt, in prompt order.
 
@@ -171,9 +174,14 @@ def generate(
     `static_cache_width`; `static_prompt_width`): less prefill, and a KV cache as long as the prompts need. transformers
     (pinned) keeps the largest static cache a model has built, so the cache grows to the widest bucket met so far
     and never shrinks: decoding compiles once per growth, not once per call.
+    `decode_loop` (with `static_cache_width`) decodes with this package's own loop (`decode_loop.decode`: one compiled
+    forward per token, sampling and end checks on the GPU) instead of `model.generate`: the same greedy tokens, samples
+    from the same distribution with other random numbers.
     """
     if max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
+    if decode_loop and static_cache_width is None:
+        raise ValueError("our decoding loop runs over a static cache: it needs static_cache_width")
     if not prompts:
         return []
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -213,8 +221,25 @@ def generate(
                 if static_cache_width is not None:
                     width = static_prompt_width(max(map(len, batch)), static_cache_width, static_cache_bucket)
                 input_ids, attention_mask = _left_pad(batch, pad_id, device, width)
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
-                new_tokens = output[:, input_ids.shape[1] :].tolist()  # [B * n, <= max_new_tokens]
+                if decode_loop:
+                    new_tokens = decode(
+                        model,
+                        input_ids.repeat_interleave(num_return_sequences, dim=0),
+                        attention_mask.repeat_interleave(num_return_sequences, dim=0),
+                        max_new_tokens=max_new_tokens,
+                        eos_ids=eos_ids,
+                        pad_id=pad_id,
+                        do_sample=do_sample,
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        min_new_tokens=min_new_tokens,
+                        stop_strings=stops,
+                        tokenizer=tokenizer,
+                    ).tolist()  # [B * n, <= max_new_tokens]
+                else:
+                    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+                    new_tokens = output[:, input_ids.shape[1] :].tolist()  # [B * n, <= max_new_tokens]
                 for row, generated in enumerate(new_tokens):
                     index = start + row // num_return_sequences
                     samples.append(_finish(index, encoded[index], generated, tokenizer, eos_ids, stops))

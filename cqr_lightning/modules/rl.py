@@ -71,6 +71,7 @@ class RLModule(PolicyModule):
         static_decoding: bool = False,
         static_prompt_bucket: int | None = None,
         static_cache_at_full_length: bool = False,
+        static_decoding_loop: bool = False,
         logprob_chunk_size: int | None = None,
         seed: int = 0,
         **policy_kwargs,
@@ -104,6 +105,9 @@ class RLModule(PolicyModule):
         # at its full length once and later (bucketed) calls reuse it instead of growing it and recompiling
         self.static_cache_at_full_length = static_cache_at_full_length
         self._full_static_cache_built = False
+        if static_decoding_loop and not static_decoding:
+            raise ValueError("rl.static_decoding_loop decodes over a static cache: set rl.static_decoding=true too")
+        self.static_decoding_loop = static_decoding_loop  # our own loop instead of transformers' generate
         self._widest_generation_call = 0  # prompts in this process's largest generate call
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
@@ -179,6 +183,7 @@ class RLModule(PolicyModule):
                 seed=sample_seed(self.seed, epoch, indices[start]),
                 static_cache_width=self.max_prompt_length if self.static_decoding else None,
                 static_cache_bucket=self.next_static_prompt_bucket(),
+                decode_loop=self.static_decoding_loop,
             )
             samples += [replace(s, prompt_index=start + s.prompt_index) for s in chunk if s.prompt_index < len(part)]
         return sorted(samples, key=lambda s: s.prompt_index)  # group-contiguous

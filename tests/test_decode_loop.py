@@ -1,0 +1,147 @@
+"""Our decoding loop (cqr_lightning/models/decode_loop.py) against transformers' `generate`, on the tiny 4-bit model on
+CPU (uncompiled: the compiled step is the same forward, run on a GPU), and the sampling filters against transformers'
+own logits warpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from cqr_lightning.models.decode_loop import _caches, decode
+from cqr_lightning.models.generation import generate
+from cqr_lightning.models.loading import ModelConfig, load_policy, load_tokenizer
+from cqr_lightning.models.sampling import filtered_logits, next_tokens
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CQR_CACHE_DIR", str(tmp_path_factory.mktemp("cqr_cache")))
+        yield ModelConfig.from_cfg(OmegaConf.load(CONF_DIR / "tiny.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_cfg):
+    return load_tokenizer(tiny_cfg)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_cfg):
+    torch.manual_seed(0)
+    return load_policy(tiny_cfg)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[str]:
+    texts = [
+        "Query: when did she die?\nRewrite:",
+        "Q1: Who wrote Pride and Prejudice?\nA1: Jane Austen.\n\nQuery: when did she die?\nRewrite:",
+        "Tell me more about the history of the city.",
+    ]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+        for t in texts
+    ]
+
+
+def test_greedy_loop_writes_generates_tokens_for_left_padded_prompts_of_different_lengths(policy, tokenizer, prompts):
+    options = {"max_new_tokens": 12, "stop_strings": (), "static_cache_width": 80}
+    reference = generate(policy, tokenizer, prompts, **options)
+    ours = generate(policy, tokenizer, prompts, decode_loop=True, **options)
+    assert [s.response_ids for s in ours] == [s.response_ids for s in reference]
+    assert all(len(s.response_ids) == 12 for s in ours)  # random weights: no row ends early
+
+
+def test_sampled_groups_come_prompt_major_reproducibly_and_near_zero_temperature_is_greedy(policy, tokenizer, prompts):
+    options = {"max_new_tokens": 8, "stop_strings": (), "static_cache_width": 80, "decode_loop": True}
+    greedy = generate(policy, tokenizer, prompts, **options)
+    sampling = {"do_sample": True, "num_return_sequences": 3, "seed": 4}
+    first = generate(policy, tokenizer, prompts, temperature=1.5, **sampling, **options)
+    again = generate(policy, tokenizer, prompts, temperature=1.5, **sampling, **options)
+    assert [s.prompt_index for s in first] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [s.response_ids for s in first] == [s.response_ids for s in again]
+    assert len({s.response_ids for s in first}) > 3  # samples differ within groups
+    cold = generate(policy, tokenizer, prompts, temperature=1e-4, **sampling, **options)
+    assert [s.response_ids for s in cold] == [s.response_ids for s in greedy for _ in range(3)]
+
+
+def test_a_second_call_reuses_the_cache_and_a_narrower_batch_gives_the_same_tokens(policy, tokenizer, prompts):
+    wide = generate(
+        policy, tokenizer, prompts, max_new_tokens=6, stop_strings=(), static_cache_width=90, decode_loop=True
+    )
+    built = _caches[policy][2]
+    # same batch size, prompts padded less: the cache built for the first call (longer) is emptied and reused
+    narrow = generate(
+        policy, tokenizer, prompts, max_new_tokens=6, stop_strings=(), static_cache_width=40, decode_loop=True
+    )
+    assert [s.response_ids for s in narrow] == [s.response_ids for s in wide]
+    assert _caches[policy][2] is built
+
+
+def test_a_stop_string_ends_the_row_as_generate_does(policy, tokenizer, prompts):
+    free = generate(policy, tokenizer, prompts[:1], max_new_tokens=20, stop_strings=(), static_cache_width=64)[0]
+    stop = free.text[6:9]  # a piece of what the model writes anyway, so it stops there
+    assert stop.strip()
+    reference = generate(policy, tokenizer, prompts[:1], max_new_tokens=20, stop_strings=(stop,), static_cache_width=64)
+    ours = generate(
+        policy, tokenizer, prompts[:1], max_new_tokens=20, stop_strings=(stop,), static_cache_width=64, decode_loop=True
+    )
+    assert reference[0].finish_reason == ours[0].finish_reason == "stop"
+    assert ours[0].text == reference[0].text and ours[0].text.endswith(stop)
+    assert ours[0].response_ids == reference[0].response_ids
+
+
+def test_rows_end_at_end_of_sequence_and_the_loop_stops_when_all_have(policy, tokenizer, prompts):
+    encoded = tokenizer(prompts[:2], add_special_tokens=False)["input_ids"]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in encoded])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in encoded])
+    first = decode(policy, ids, mask, max_new_tokens=8, eos_ids=[999_999], pad_id=0)
+    # make each row's second token its end of sequence: row ends there, later tokens are the pad id
+    ends = [int(first[0, 1]), int(first[1, 1])]
+    out = decode(policy, ids, mask, max_new_tokens=8, eos_ids=ends, pad_id=0, check_every=3)
+    assert out.shape[1] < 8  # stopped early, at a check after every row ended
+    for row in range(2):
+        end = next(i for i, t in enumerate(out[row].tolist()) if t in ends)
+        assert end <= 1
+        assert out[row, end + 1 :].tolist() == [0] * (out.shape[1] - end - 1)
+    # with min_new_tokens the end ids cannot be drawn early
+    held = decode(policy, ids, mask, max_new_tokens=8, eos_ids=ends, pad_id=0, min_new_tokens=8)
+    assert held.shape[1] == 8 and not torch.isin(held, torch.tensor(ends)).any()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.7, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 7, 0.6)]
+)
+def test_filters_keep_the_tokens_transformers_warpers_keep(temperature, top_k, top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50) * 3
+    expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    ours = filtered_logits(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+    assert torch.allclose(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)])
+
+
+def test_the_exponential_race_draws_tokens_with_the_softmax_probabilities():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([next_tokens(logits.expand(1000, 4), do_sample=True, generator=generator) for _ in range(20)])
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)  # 20,000 draws
+    assert torch.allclose(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
+    # top-k 2 leaves only the two most likely tokens, renormalized
+    kept = torch.cat(
+        [next_tokens(logits.expand(1000, 4), do_sample=True, top_k=2, generator=generator) for _ in range(5)]
+    )
+    assert set(kept.tolist()) == {0, 1}
+    assert abs((kept == 0).float().mean().item() - 0.625) < 0.03
+    assert next_tokens(logits, do_sample=False).tolist() == [0]
