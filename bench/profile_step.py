@@ -130,6 +130,7 @@ def main() -> None:
     prof = profiled.profiler
     label = args.label or f"p{args.prompts}_g{args.group}_r{args.response}" + ("_static" if args.static else "")
     label += f"_bucket{args.static_bucket}" if args.static and args.static_bucket else ""
+    label += "_loop" if args.static and args.loop else ""
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     result = {
         "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
