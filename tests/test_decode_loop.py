@@ -4,37 +4,25 @@ own logits warpers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from cqr_lightning.models.decode_loop import _caches, decode
+from cqr_lightning.models.decode_loop import decode, static_cache_for
 from cqr_lightning.models.generation import generate
-from cqr_lightning.models.loading import ModelConfig, load_policy, load_tokenizer
+from cqr_lightning.models.loading import load_policy, load_tokenizer
 from cqr_lightning.models.sampling import filtered_logits, next_tokens
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_cfg):
+    return load_tokenizer(tiny_model_cfg)
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CQR_CACHE_DIR", str(tmp_path_factory.mktemp("cqr_cache")))
-        yield ModelConfig.from_cfg(OmegaConf.load(CONF_DIR / "tiny.yaml"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_cfg):
-    return load_tokenizer(tiny_cfg)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_cfg):
+def policy(tiny_model_cfg):
     torch.manual_seed(0)
-    return load_policy(tiny_cfg)
+    return load_policy(tiny_model_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +63,14 @@ def test_a_second_call_reuses_the_cache_and_a_narrower_batch_gives_the_same_toke
     wide = generate(
         policy, tokenizer, prompts, max_new_tokens=6, stop_strings=(), static_cache_width=90, decode_loop=True
     )
-    built = _caches[policy][2]
+    built, length = static_cache_for(policy, len(prompts), 1)  # the cache the call built (any shorter need reuses it)
     # same batch size, prompts padded less: the cache built for the first call (longer) is emptied and reused
     narrow = generate(
         policy, tokenizer, prompts, max_new_tokens=6, stop_strings=(), static_cache_width=40, decode_loop=True
     )
     assert [s.response_ids for s in narrow] == [s.response_ids for s in wide]
-    assert _caches[policy][2] is built
+    assert length >= 90 + 6
+    assert static_cache_for(policy, len(prompts), 1) == (built, length)
 
 
 def test_a_stop_string_ends_the_row_as_generate_does(policy, tokenizer, prompts):
@@ -114,6 +103,19 @@ def test_rows_end_at_end_of_sequence_and_the_loop_stops_when_all_have(policy, to
     # with min_new_tokens the end ids cannot be drawn early
     held = decode(policy, ids, mask, max_new_tokens=8, eos_ids=ends, pad_id=0, min_new_tokens=8)
     assert held.shape[1] == 8 and not torch.isin(held, torch.tensor(ends)).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_compiled_loop_on_a_gpu_writes_generates_greedy_tokens(tiny_model_cfg, tokenizer, prompts):
+    cfg = tiny_model_cfg.copy()
+    cfg.device = "cuda"
+    policy = load_policy(cfg)
+    options = {"max_new_tokens": 12, "stop_strings": (), "static_cache_width": 80}
+    reference = generate(policy, tokenizer, prompts, **options)
+    for _ in range(2):  # the second call replays the graphs the first one recorded
+        ours = generate(policy, tokenizer, prompts, decode_loop=True, **options)
+        assert [s.response_ids for s in ours] == [s.response_ids for s in reference]
 
 
 @pytest.mark.parametrize(

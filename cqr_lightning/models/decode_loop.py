@@ -28,16 +28,17 @@ _caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (ba
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled forward
 
 
-def static_cache_for(model, batch: int, length: int) -> StaticCache:
-    """The model's static cache, emptied, reused when it has `batch` rows and at least `length` positions; otherwise
-    a new one of exactly that size. As in `generate`, a cache never shrinks, so a compiled step keeps its shapes."""
+def static_cache_for(model, batch: int, length: int) -> tuple[StaticCache, int]:
+    """The model's static cache, emptied, and its length: reused when it has `batch` rows and at least `length`
+    positions, otherwise a new one of exactly that size. As in `generate`, a cache never shrinks, so a compiled step
+    keeps its shapes."""
     held = _caches.get(model)
     if held is not None and held[0] == batch and held[1] >= length:
         held[2].reset()
-        return held[2]
+        return held[2], held[1]
     cache = StaticCache(config=model.config, max_cache_len=length)
     _caches[model] = (batch, length, cache)
-    return cache
+    return cache, length
 
 
 def compiled_forward(model, compile_step: bool) -> Callable:
@@ -106,8 +107,7 @@ def _decode(
     device = input_ids.device
     batch, width = input_ids.shape
     compile_step = device.type == "cuda" if compile_step is None else compile_step
-    cache = static_cache_for(model, batch, width + max_new_tokens)
-    length = _caches[model][1]
+    cache, length = static_cache_for(model, batch, width + max_new_tokens)
     mask = torch.ones((batch, length), dtype=attention_mask.dtype, device=device)  # [B, L]: later positions are
     mask[:, :width] = attention_mask  # hidden by causality until written
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
