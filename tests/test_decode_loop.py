@@ -1,6 +1,6 @@
 """Our decoding loop (cqr_lightning/models/decode_loop.py) against transformers' `generate`, on the tiny 4-bit model on
-CPU (uncompiled: the compiled step is the same forward, run on a GPU), and the sampling filters against transformers'
-own logits warpers."""
+CPU (uncompiled, and once compiled by torch.compile's inductor on the CPU: the GPU adds CUDA graphs to the same step),
+and the sampling filters against transformers' own logits warpers."""
 
 from __future__ import annotations
 
@@ -103,6 +103,28 @@ def test_rows_end_at_end_of_sequence_and_the_loop_stops_when_all_have(policy, to
     # with min_new_tokens the end ids cannot be drawn early
     held = decode(policy, ids, mask, max_new_tokens=8, eos_ids=ends, pad_id=0, min_new_tokens=8)
     assert held.shape[1] == 8 and not torch.isin(held, torch.tensor(ends)).any()
+
+
+@pytest.mark.slow
+def test_the_compiled_step_writes_generates_tokens_and_a_second_call_compiles_nothing_new(
+    tiny_model_cfg, tokenizer, prompts
+):
+    cfg = tiny_model_cfg.copy()
+    cfg.load_in_4bit, cfg.compute_dtype = False, "float32"  # a plain model, as the merged sampling copy is
+    model = load_policy(cfg).merge_and_unload()
+    options = {"max_new_tokens": 8, "stop_strings": (), "static_cache_width": 48}
+    reference = [s.response_ids for s in generate(model, tokenizer, prompts, **options)]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[0] * (48 - len(r)) + r for r in encoded])
+    mask = torch.tensor([[0] * (48 - len(r)) + [1] * len(r) for r in encoded])
+    graphs = torch._dynamo.utils.counters["stats"]
+    frames = [graphs["unique_graphs"]]
+    for _ in range(2):
+        out = decode(model, ids, mask, max_new_tokens=8, eos_ids=[10**6], pad_id=0, compile_step=True)  # inductor
+        assert [tuple(row) for row in out.tolist()] == reference
+        frames.append(graphs["unique_graphs"])
+    assert frames[1] > frames[0], "the first call compiled the step"
+    assert frames[2] == frames[1], "the second call reused the compiled step"
 
 
 @pytest.mark.gpu
