@@ -92,21 +92,26 @@ def decode(
     try:
         with torch.no_grad():
             return _decode(
-                model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
-                {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p},
-                min_new_tokens, stop_strings, tokenizer, check_every, compile_step,
+                model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                choose={"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p},
+                min_new_tokens=min_new_tokens, stop_strings=stop_strings, tokenizer=tokenizer, check_every=check_every,
+                compile_step=device_compiles(input_ids.device) if compile_step is None else compile_step,
             )  # fmt: skip
     finally:
         model.train(was_training)
 
 
+def device_compiles(device: torch.device) -> bool:
+    """Whether decoding compiles its step by default on `device`: on CUDA, where CUDA graphs pay for the compile."""
+    return device.type == "cuda"
+
+
 def _decode(
-    model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, choose, min_new_tokens, stop_strings, tokenizer,
-    check_every, compile_step,
+    model, input_ids, attention_mask, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, choose: dict,
+    min_new_tokens: int, stop_strings: Sequence[str], tokenizer, check_every: int, compile_step: bool,
 ) -> torch.Tensor:  # fmt: skip
     device = input_ids.device
     batch, width = input_ids.shape
-    compile_step = device.type == "cuda" if compile_step is None else compile_step
     cache, length = static_cache_for(model, batch, width + max_new_tokens)
     mask = torch.ones((batch, length), dtype=attention_mask.dtype, device=device)  # [B, L]: later positions are
     mask[:, :width] = attention_mask  # hidden by causality until written
