@@ -8,7 +8,8 @@
 # grouped key/value heads itself instead of transformers repeating them: TRANSFORMERS_SDPA_FORCE_GQA=1, which
 # transformers leaves off on CUDA when a mask is given), bucket_bf16 (bucket, with the policy's unquantized weights
 # kept in bf16: model.upcast_non_quantized=false), loop (bucket, decoded by our own loop rather than transformers'
-# generate: rl.static_decoding_loop=true; its log names any reason torch.compile skipped CUDA graphs), loop_gqa (loop with TRANSFORMERS_SDPA_FORCE_GQA=1), fast (ours, fast_sampling), plain (ours,
+# generate: rl.static_decoding_loop=true; its log names any reason torch.compile skipped CUDA graphs), loop_gqa (loop
+# with TRANSFORMERS_SDPA_FORCE_GQA=1), fast (ours, fast_sampling), plain (ours,
 # 4-bit generate), trl (TRL's GRPOTrainer), unsloth (the same trainer through Unsloth: its wheels from
 # `bench/prepare_device_carry.sh --unsloth-wheels`, installed under /tmp/site_unsloth; after one of ours, which builds the
 # random checkpoint). Each runs the 256-token workload of bench/RESULTS.md (4 prompts x G=8,
