@@ -6,7 +6,8 @@ to go on. On a GPU that host work and that synchronization leave the device idle
 (bench/RESULTS.md, "Where a step's time goes"). Here a token is: one replay of the compiled forward (CUDA graphs
 under `torch.compile(mode="reduce-overhead")`), a few sampling kernels (`sampling.next_tokens`), and a finished-row
 update on the device. The host looks at the tokens only every `check_every` tokens, to end early when every row is
-finished (end-of-sequence or a stop string).
+finished (end-of-sequence or a stop string). A model with grouped-query attention attends from its cache as stored,
+without a copy of each key/value head per query head (`packed_gqa`).
 
 The outputs follow `generate`'s conventions, so `generation.generate` reads them the same way: one row per prompt
 and return sequence (prompt-major), the tokens after a row's end-of-sequence set to the pad id, and as many columns
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import StaticCache
 
+from cqr_lightning.models.packed_gqa import packed_gqa
 from cqr_lightning.models.sampling import next_tokens
 
 _caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (batch, length, StaticCache)
@@ -90,7 +92,7 @@ def decode(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), packed_gqa(model):
             return _decode(
                 model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                 choose={"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p},
