@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from cqr_lightning.models.decode_loop import decode
 from cqr_lightning.models.loading import load_policy, load_tokenizer
@@ -28,7 +29,7 @@ def _tensors(batch=3, kv_heads=2, groups=4, q_length=1, length=11, dim=8):
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "shared", "per_head"])
-def test_one_query_token_attends_as_sdpa_with_its_copied_heads(mask_kind):
+def test_one_query_token_attends_as_with_each_key_value_head_copied_per_query_head(mask_kind):
     query, key, value = _tensors()
     batch, heads, _, _ = query.shape
     length = key.shape[2]
@@ -41,14 +42,15 @@ def test_one_query_token_attends_as_sdpa_with_its_copied_heads(mask_kind):
         mask = torch.rand(batch, heads, 1, length, generator=torch.Generator().manual_seed(1)) > 0.3
         mask[..., -1] = True  # every head sees at least one position
     module = _Attention(groups=4)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    copied = {"key": repeat_kv(key, 4), "value": repeat_kv(value, 4)}  # each key/value head once per query head
+    expected = F.scaled_dot_product_attention(query, **copied, attn_mask=mask, scale=0.3).transpose(1, 2)
     ours, weights = packed_gqa_attention(module, query, key, value, mask, scaling=0.3)
     assert weights is None
     assert ours.shape == expected.shape == (batch, 1, heads, query.shape[-1])
     torch.testing.assert_close(ours, expected)
 
 
-def test_several_query_tokens_and_ungrouped_heads_go_to_sdpa_unchanged():
+def test_several_query_tokens_ungrouped_heads_and_softcaps_go_to_sdpa_unchanged():
     module = _Attention(groups=4)
     query, key, value = _tensors(q_length=5, length=5)
     expected, _ = sdpa_attention_forward(module, query, key, value, None)
@@ -57,6 +59,9 @@ def test_several_query_tokens_and_ungrouped_heads_go_to_sdpa_unchanged():
     plain = _Attention(groups=1)
     expected, _ = sdpa_attention_forward(plain, query, key, value, None)
     assert torch.equal(packed_gqa_attention(plain, query, key, value, None)[0], expected)
+    query, key, value = _tensors()
+    with pytest.raises(ValueError, match="softcap"):  # sdpa's own refusal, not a silently dropped softcap
+        packed_gqa_attention(module, query, key, value, None, softcap=30.0)
 
 
 def test_the_block_switches_sdpa_models_restores_them_on_errors_and_leaves_others_alone(tiny_model_cfg):

@@ -2,7 +2,8 @@
 
 With grouped-query attention (Qwen2.5: 16 query heads sharing 2 key/value heads) transformers' `sdpa` attention
 copies every key/value head once per query head that shares it (`repeat_kv`) before calling
-`scaled_dot_product_attention` whenever there is a mask, and always inside `torch.compile`. While decoding, that
+`scaled_dot_product_attention` whenever there is a mask (5.17), and inside `torch.compile` even in versions that
+avoid the copy for one query token when run eagerly (5.23), so in the compiled decoding step. While decoding, that
 copy is the largest tensor work of a token: the whole cache, written eight times over, every layer, every token
 (bench/RESULTS.md, "Seventeenth session: where a decoding step's GPU time goes"). For a single query token the
 copy is not needed: the query heads of one group can stand in for query positions of their key/value head, so
@@ -43,7 +44,8 @@ def packed_gqa_attention(
     `sdpa_attention_forward`."""
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_length, dim = query.shape
-    packable = q_length == 1 and groups > 1 and dropout == 0.0 and kwargs.get("position_bias") is None
+    extras = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))  # terms sdpa lacks
+    packable = q_length == 1 and groups > 1 and dropout == 0.0 and not extras
     if not packable or (attention_mask is not None and attention_mask.shape[1] not in (1, heads)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
