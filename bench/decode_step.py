@@ -64,13 +64,13 @@ def main() -> None:
                "temperature": 0.7, "compile_step": True}  # fmt: skip
 
     started = time.perf_counter()
-    decode(model, ids, mask, options)
+    decode_loop.decode(model, ids, mask, **options)
     compile_s = time.perf_counter() - started
     times = []
     for _ in range(args.repeats):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        out = decode(model, ids, mask, options)
+        out = decode_loop.decode(model, ids, mask, **options)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
         assert out.shape == (args.rows, args.tokens)
@@ -88,10 +88,6 @@ def main() -> None:
     print(json.dumps(result))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"decode_step_{result['attention']}.json").write_text(json.dumps(result, indent=2) + "\n")
-
-
-def decode(model, ids, mask, options) -> torch.Tensor:
-    return decode_loop.decode(model, ids, mask, **options)
 
 
 if __name__ == "__main__":
