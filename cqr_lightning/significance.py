@@ -16,6 +16,12 @@ sides, give the baseline recipe's other seeds with `--baseline-also` (repeatable
         --baseline-also a-seed1.jsonl --metric mrr@3
 
 `--turns <the evaluated split's JSONL>` adds the same test within first turns, later turns and each `source`.
+
+Turns of one conversation are not independent (a rewriter that misreads a topic misreads it for several turns), so
+a claim about conversations the model has never seen is tested with `--by-conversation` (needs `--turns`): the
+signs are flipped per conversation, all of its turns together, which asks whether the gain holds across
+conversations rather than across turns. Conversations are known as the held-out split knows them
+(`cqr_lightning.holdout.conversation_key`: the first user message).
 """
 
 from __future__ import annotations
@@ -42,33 +48,47 @@ class PairedComparison:
     worse: int
     equal: int
     samples: int
+    conversations: int | None = None  # signs flipped per conversation, this many; None: per turn
 
     def describe(self, metric: str) -> str:
         turns = self.better + self.worse + self.equal
+        unit = f"per conversation, {self.conversations}" if self.conversations is not None else "per turn"
         return (
             f"candidate - baseline: {100 * self.mean_difference:+.2f} {metric} points over {turns} turns "
             f"(better on {self.better}, worse on {self.worse}, equal on {self.equal}); "
-            f"two-sided paired randomization test p = {self.p_value:.4f} ({self.samples:,} sign flips)"
+            f"two-sided paired randomization test p = {self.p_value:.4f} ({self.samples:,} sign flips, {unit})"
         )
 
 
 def paired_randomization_test(
-    baseline: Sequence[float], candidate: Sequence[float], *, samples: int = 10_000, seed: int = 0
+    baseline: Sequence[float],
+    candidate: Sequence[float],
+    *,
+    conversations: Sequence[str] | None = None,
+    samples: int = 10_000,
+    seed: int = 0,
 ) -> PairedComparison:
-    """Two-sided sign-flip test of the mean per-turn difference `candidate - baseline`."""
+    """Two-sided sign-flip test of the mean per-turn difference `candidate - baseline`. With `conversations`
+    (each turn's conversation), one sign flips all the differences of a conversation together."""
     if len(baseline) != len(candidate):
         raise ValueError(f"paired scores differ in length: {len(baseline)} against {len(candidate)}")
     if not baseline:
         raise ValueError("no paired scores to compare")
     if samples < 1:
         raise ValueError("samples must be at least 1")
+    if conversations is not None and len(conversations) != len(baseline):
+        raise ValueError(f"{len(conversations)} conversation labels for {len(baseline)} paired scores")
     differences = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
     observed = differences.mean()
+    flipped_units = differences  # what one sign multiplies: a turn's difference, or a conversation's sum
+    if conversations is not None:
+        _, conversation_of = np.unique(np.asarray(conversations, dtype=object).astype(str), return_inverse=True)
+        flipped_units = np.bincount(conversation_of, weights=differences)
     rng = np.random.default_rng(seed)
     at_least_as_far = 0
     for start in range(0, samples, _SIGN_BLOCK):  # blocks keep memory flat for large evaluations
-        signs = rng.choice((-1.0, 1.0), size=(min(_SIGN_BLOCK, samples - start), differences.size))
-        flipped = np.abs(signs @ differences) / differences.size
+        signs = rng.choice((-1.0, 1.0), size=(min(_SIGN_BLOCK, samples - start), flipped_units.size))
+        flipped = np.abs(signs @ flipped_units) / differences.size
         at_least_as_far += int(np.count_nonzero(flipped >= abs(observed) - 1e-12))
     return PairedComparison(
         mean_difference=float(observed),
@@ -77,6 +97,7 @@ def paired_randomization_test(
         worse=int(np.count_nonzero(differences < 0)),
         equal=int(np.count_nonzero(differences == 0)),
         samples=samples,
+        conversations=None if conversations is None else int(flipped_units.size),
     )
 
 
@@ -135,18 +156,45 @@ def paired_means(
     return turns, baseline_means, candidate_means
 
 
+def conversations_of(turns: Sequence[str], conversation: dict[str, str], turn_file: str | Path) -> list[str]:
+    """Each turn's conversation from `conversation` (turn id -> conversation, read from `turn_file`)."""
+    missing = [turn for turn in turns if turn not in conversation]
+    if missing:
+        raise DataError(
+            turn_file,
+            f"does not hold {len(missing)} of the {len(turns)} evaluated turns (e.g. '{missing[0]}'): give the "
+            "turn file of the evaluated split",
+        )
+    return [conversation[turn] for turn in turns]
+
+
+def conversation_by_turn(turn_file: str | Path) -> dict[str, str]:
+    """Turn id -> conversation key (the first user message, as the held-out split groups turns)."""
+    from cqr_lightning.holdout import conversation_key
+    from cqr_lightning.readers import read_jsonl_turns
+
+    return {turn.id: conversation_key(turn) for turn in read_jsonl_turns(turn_file, positives_optional=True)}
+
+
 def compare_files(
     baseline_paths: str | Path | Sequence[str | Path],
     candidate_paths: str | Path | Sequence[str | Path],
     metric: str = "mrr@3",
     *,
+    by_conversation_in: str | Path | None = None,
     samples: int = 10_000,
     seed: int = 0,
 ) -> PairedComparison:
     """Pair evaluations of the same turns and test the candidate's mean difference. Several files on either
-    side (one recipe's seeds) are averaged turn by turn first; every file must score the same turns."""
-    _, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
-    return paired_randomization_test(baseline_means, candidate_means, samples=samples, seed=seed)
+    side (one recipe's seeds) are averaged turn by turn first; every file must score the same turns. With
+    `by_conversation_in` (the evaluated split's turn file), signs flip per conversation."""
+    turns, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
+    conversations = None
+    if by_conversation_in is not None:
+        conversations = conversations_of(turns, conversation_by_turn(by_conversation_in), by_conversation_in)
+    return paired_randomization_test(
+        baseline_means, candidate_means, conversations=conversations, samples=samples, seed=seed
+    )
 
 
 def compare_files_by_group(
@@ -155,11 +203,13 @@ def compare_files_by_group(
     groups: dict[str, Sequence[str]],
     metric: str = "mrr@3",
     *,
+    conversation: dict[str, str] | None = None,
     samples: int = 10_000,
     seed: int = 0,
 ) -> dict[str, PairedComparison]:
     """`compare_files` within each group of turn ids (e.g. `evaluation.turn_groups`: first turns, later turns,
-    each source); ids the evaluations do not score are ignored, and groups left empty are left out."""
+    each source); ids the evaluations do not score are ignored, and groups left empty are left out. With
+    `conversation` (turn id -> conversation), signs flip per conversation within each group."""
     turns, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
     place = {turn: i for i, turn in enumerate(turns)}
     results = {}
@@ -167,7 +217,11 @@ def compare_files_by_group(
         members = [place[i] for i in ids if i in place]
         if members:
             results[name] = paired_randomization_test(
-                [baseline_means[i] for i in members], [candidate_means[i] for i in members], samples=samples, seed=seed
+                [baseline_means[i] for i in members],
+                [candidate_means[i] for i in members],
+                conversations=None if conversation is None else [conversation[turns[i]] for i in members],
+                samples=samples,
+                seed=seed,
             )
     return results
 
@@ -192,21 +246,34 @@ def main(argv: Sequence[str] | None = None) -> PairedComparison:
         metavar="PATH",
         help="the evaluated turn file (JSONL): also test within first turns, later turns and each source",
     )
+    parser.add_argument(
+        "--by-conversation",
+        action="store_true",
+        help="flip signs per conversation (all its turns together, read from --turns): the test for unseen ones",
+    )
     parser.add_argument("--metric", default="mrr@3", choices=METRIC_NAMES)
     parser.add_argument("--samples", type=int, default=10_000, help="random sign flips")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.by_conversation and args.turns is None:
+        parser.error("--by-conversation reads each turn's conversation from --turns: give the evaluated split's file")
     baselines = [args.baseline, *args.baseline_also]
-    result = compare_files(baselines, args.candidate, args.metric, samples=args.samples, seed=args.seed)
+    by_conversation_in = args.turns if args.by_conversation else None
+    result = compare_files(
+        baselines, args.candidate, args.metric, by_conversation_in=by_conversation_in, samples=args.samples,
+        seed=args.seed,
+    )  # fmt: skip
     print(result.describe(args.metric))
     if args.turns is not None:
         from cqr_lightning.evaluation import turn_groups
         from cqr_lightning.readers import read_jsonl_turns
 
         groups = turn_groups(list(read_jsonl_turns(args.turns, positives_optional=True)))
+        conversation = conversation_by_turn(args.turns) if args.by_conversation else None
         by_group = compare_files_by_group(
-            baselines, args.candidate, groups, args.metric, samples=args.samples, seed=args.seed
-        )
+            baselines, args.candidate, groups, args.metric, conversation=conversation, samples=args.samples,
+            seed=args.seed,
+        )  # fmt: skip
         for name, comparison in by_group.items():
             print(f"  {name}: {comparison.describe(args.metric)}")
     return result

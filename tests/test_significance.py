@@ -189,3 +189,61 @@ def test_turns_are_also_compared_within_first_turns_later_turns_and_each_source(
         "  source s2",
     ]
     assert "+50.00 mrr@3 points over 2 turns" in lines[3] and "+25.00 mrr@3 points over 2 turns" in lines[4]
+
+
+def exact_conversation_p_value(baseline, candidate, conversations) -> float:
+    """Every sign assignment of whole conversations enumerated."""
+    differences = np.asarray(candidate, dtype=float) - np.asarray(baseline, dtype=float)
+    labels = sorted(set(conversations))
+    sums = np.array([sum(d for d, c in zip(differences, conversations, strict=True) if c == label) for label in labels])
+    observed = abs(differences.mean())
+    means = [abs(np.dot(signs, sums)) / len(differences) for signs in itertools.product((-1, 1), repeat=len(labels))]
+    return sum(m >= observed - 1e-12 for m in means) / len(means)
+
+
+def test_flipping_whole_conversations_matches_the_exact_enumeration_over_conversations():
+    baseline = [0.0, 0.5, 1.0, 0.0, 1 / 3, 0.0, 1.0, 0.5, 0.0]
+    candidate = [1.0, 0.5, 1.0, 0.5, 1.0, 0.0, 0.5, 1.0, 1.0]
+    conversations = ["a", "a", "b", "c", "c", "c", "d", "e", "f"]
+    result = paired_randomization_test(baseline, candidate, conversations=conversations, samples=100_000, seed=2)
+    assert result.mean_difference == pytest.approx(np.mean(candidate) - np.mean(baseline))
+    assert result.conversations == 6 and "per conversation, 6" in result.describe("mrr@3")
+    assert result.p_value == pytest.approx(exact_conversation_p_value(baseline, candidate, conversations), abs=0.01)
+    assert result.p_value != pytest.approx(exact_p_value(baseline, candidate), abs=0.01), "a different test"
+
+
+def test_a_gain_all_in_one_conversation_is_significant_per_turn_but_not_per_conversation():
+    # twelve turns of one conversation gain a full point; five other conversations, one turn each, change nothing
+    baseline = [0.0] * 12 + [0.5] * 5
+    candidate = [1.0] * 12 + [0.5] * 5
+    conversations = ["long"] * 12 + ["c1", "c2", "c3", "c4", "c5"]
+    per_turn = paired_randomization_test(baseline, candidate, samples=20_000)
+    per_conversation = paired_randomization_test(baseline, candidate, conversations=conversations, samples=20_000)
+    assert per_turn.p_value < 0.001 and per_turn.conversations is None
+    assert per_conversation.p_value == 1.0, "flipping the one conversation that moved gives the same |mean|"
+    assert per_conversation.mean_difference == per_turn.mean_difference
+    with pytest.raises(ValueError, match="conversation labels"):
+        paired_randomization_test(baseline, candidate, conversations=conversations[:-1])
+
+
+def test_the_command_flips_per_conversation_read_from_the_turn_file(tmp_path, capsys):
+    after_a = [{"role": "user", "text": "opening a"}]
+    turns = [  # two conversations, known by their first user message (as the held-out split knows them)
+        {"id": "t1", "source": "s", "history": [], "question": "Opening A", "positives": ["p"]},
+        {"id": "t2", "source": "s", "history": after_a, "question": "q", "positives": ["p"]},
+        {"id": "t3", "source": "s", "history": [], "question": "Opening B", "positives": ["p"]},
+    ]
+    turn_file = write_rewrites(tmp_path / "turns.jsonl", turns)
+    baseline = write_rewrites(tmp_path / "raw.jsonl", [{"id": t, "mrr@3": 0.0} for t in ("t1", "t2", "t3")])
+    candidate = write_rewrites(tmp_path / "m.jsonl", [{"id": t, "mrr@3": 1.0} for t in ("t1", "t2", "t3")])
+    result = main([str(baseline), str(candidate), "--turns", str(turn_file), "--by-conversation", "--samples", "2000"])
+    assert result.conversations == 2
+    assert result.p_value == pytest.approx(0.5, abs=0.03), "2 conversations: 2 of 4 sign assignments as extreme"
+    out = capsys.readouterr().out.splitlines()
+    assert "per conversation, 2)" in out[0] and "later turns" in out[2] and "per conversation, 1)" in out[2]
+    with pytest.raises(SystemExit):
+        main([str(baseline), str(candidate), "--by-conversation"])
+    assert "--turns" in capsys.readouterr().err
+    short = write_rewrites(tmp_path / "short.jsonl", turns[:2])
+    with pytest.raises(DataError, match=r"short\.jsonl.*1 of the 3 evaluated turns.*'t3'"):
+        main([str(baseline), str(candidate), "--turns", str(short), "--by-conversation"])
