@@ -59,6 +59,26 @@ def test_sampled_groups_come_prompt_major_reproducibly_and_near_zero_temperature
     assert [s.response_ids for s in cold] == [s.response_ids for s in greedy for _ in range(3)]
 
 
+def test_the_samples_of_a_prompt_share_one_prefill_and_write_what_separate_prefills_write(policy, tokenizer, prompts):
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in encoded])  # left-padded [3, W]
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded])
+    options = {"max_new_tokens": 10, "eos_ids": [tokenizer.eos_token_id], "pad_id": 0, "compile_step": False}
+    calls = []
+    hook = policy.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        shared = decode(policy, ids, mask, copies=4, **options)
+    finally:
+        hook.remove()
+    assert calls[0] == (3, width), "one prefill of the three prompts, not of their twelve samples"
+    assert set(calls[1:]) == {(12, 1)}, "then one token for each of the twelve rows"
+    separate = decode(policy, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), **options)
+    assert shared.shape == (12, 10) and torch.equal(shared, separate)
+
+
 def test_a_second_call_reuses_the_cache_and_a_narrower_batch_gives_the_same_tokens(policy, tokenizer, prompts):
     wide = generate(
         policy, tokenizer, prompts, max_new_tokens=6, stop_strings=(), static_cache_width=90, decode_loop=True

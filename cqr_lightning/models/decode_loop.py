@@ -7,7 +7,9 @@ to go on. On a GPU that host work and that synchronization leave the device idle
 under `torch.compile(mode="reduce-overhead")`), a few sampling kernels (`sampling.next_tokens`), and a finished-row
 update on the device. The host looks at the tokens only every `check_every` tokens, to end early when every row is
 finished (end-of-sequence or a stop string). A model with grouped-query attention attends from its cache as stored,
-without a copy of each key/value head per query head (`packed_gqa`).
+without a copy of each key/value head per query head (`packed_gqa`). Several samples of one prompt (`copies`, GRPO's
+G) share its prefill: the prompt runs through the model once and its keys and values are copied into each sample's
+rows of the cache.
 
 The outputs follow `generate`'s conventions, so `generation.generate` reads them the same way: one row per prompt
 and return sequence (prompt-major), the tokens after a row's end-of-sequence set to the pad id, and as many columns
@@ -78,15 +80,17 @@ def decode(
     tokenizer=None,
     check_every: int = 8,
     compile_step: bool | None = None,
+    copies: int = 1,
 ) -> torch.Tensor:
-    """New tokens for left-padded prompts `input_ids` / `attention_mask` [B, W], one row each. [B, <= max_new_tokens]
+    """New tokens for left-padded prompts `input_ids` / `attention_mask` [B, W], `copies` rows each, prompt-major.
+    [B * copies, <= max_new_tokens]
 
-    `compile_step` None compiles on CUDA only. `stop_strings` need the `tokenizer`; a row that has written one (or an
-    end-of-sequence id) is finished: its later tokens are `pad_id`, and the loop ends when every row is finished.
-    End-of-sequence ids cannot be drawn before `min_new_tokens` tokens. The model runs in eval mode without gradients
-    (its mode is restored afterwards)."""
-    if max_new_tokens < 1 or check_every < 1:
-        raise ValueError("max_new_tokens and check_every must be at least 1")
+    Each prompt is prefilled once, whatever `copies`. `compile_step` None compiles on CUDA only. `stop_strings` need
+    the `tokenizer`; a row that has written one (or an end-of-sequence id) is finished: its later tokens are `pad_id`,
+    and the loop ends when every row is finished. End-of-sequence ids cannot be drawn before `min_new_tokens` tokens.
+    The model runs in eval mode without gradients (its mode is restored afterwards)."""
+    if max_new_tokens < 1 or check_every < 1 or copies < 1:
+        raise ValueError("max_new_tokens, check_every and copies must be at least 1")
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     was_training = model.training
@@ -97,7 +101,7 @@ def decode(
                 model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                 choose={"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p},
                 min_new_tokens=min_new_tokens, stop_strings=stop_strings, tokenizer=tokenizer, check_every=check_every,
-                compile_step=device_compiles(input_ids.device) if compile_step is None else compile_step,
+                compile_step=device_compiles(input_ids.device) if compile_step is None else compile_step, copies=copies,
             )  # fmt: skip
     finally:
         model.train(was_training)
@@ -108,17 +112,36 @@ def device_compiles(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def shared_prefill(model, input_ids, attention_mask, cache: StaticCache, copies: int) -> torch.Tensor:
+    """Run the prompts [B, W] through the model once and write their keys and values into `cache`'s first W positions,
+    each prompt's into `copies` consecutive rows ([B * copies] rows); the last position's logits, one row per sample.
+    """
+    batch, width = input_ids.shape
+    prompt_cache = StaticCache(config=model.config, max_cache_len=width)  # [B] rows: the prompts alone
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=prompt_cache,
+        logits_to_keep=1,
+    ).logits[:, -1]  # fmt: skip
+    slots = {"cache_position": torch.arange(width, device=input_ids.device)}
+    for index, layer in enumerate(prompt_cache.layers):
+        keys, values = layer.keys.repeat_interleave(copies, 0), layer.values.repeat_interleave(copies, 0)
+        cache.update(keys, values, index, slots)
+    return logits.repeat_interleave(copies, 0)
+
+
 def _decode(
     model, input_ids, attention_mask, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, choose: dict,
-    min_new_tokens: int, stop_strings: Sequence[str], tokenizer, check_every: int, compile_step: bool,
+    min_new_tokens: int, stop_strings: Sequence[str], tokenizer, check_every: int, compile_step: bool, copies: int,
 ) -> torch.Tensor:  # fmt: skip
     device = input_ids.device
-    batch, width = input_ids.shape
+    prompts, width = input_ids.shape
+    batch = prompts * copies
     cache, length = static_cache_for(model, batch, width + max_new_tokens)
+    prompt_mask = attention_mask.repeat_interleave(copies, 0)  # [B, W], B = prompts * copies
     mask = torch.ones((batch, length), dtype=attention_mask.dtype, device=device)  # [B, L]: later positions are
-    mask[:, :width] = attention_mask  # hidden by causality until written
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
-    next_position = attention_mask.sum(-1)  # [B]: position of each row's first new token
+    mask[:, :width] = prompt_mask  # hidden by causality until written
+    next_position = prompt_mask.sum(-1)  # [B]: position of each row's first new token
     eos = torch.tensor(list(eos_ids), device=device)
 
     def pick(logits: torch.Tensor, index: int) -> torch.Tensor:  # logits [B, V] -> tokens [B]
@@ -128,9 +151,7 @@ def _decode(
 
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
-    ).logits[:, -1]
+    logits = shared_prefill(model, input_ids, attention_mask, cache, copies)  # [B, V]
     step = compiled_forward(model, compile_step)
     written = 0
     for index in range(max_new_tokens):

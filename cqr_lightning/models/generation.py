@@ -224,8 +224,9 @@ def generate(
                 if decode_loop:
                     new_tokens = decode(
                         model,
-                        input_ids.repeat_interleave(num_return_sequences, dim=0),
-                        attention_mask.repeat_interleave(num_return_sequences, dim=0),
+                        input_ids,
+                        attention_mask,
+                        copies=num_return_sequences,  # one prefill a prompt, shared by its samples
                         max_new_tokens=max_new_tokens,
                         eos_ids=eos_ids,
                         pad_id=pad_id,
