@@ -123,10 +123,9 @@ def shared_prefill(model, input_ids, attention_mask, cache: StaticCache, copies:
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=prompt_cache,
         logits_to_keep=1,
     ).logits[:, -1]  # fmt: skip
-    slots = {"cache_position": torch.arange(width, device=input_ids.device)}
-    for index, layer in enumerate(prompt_cache.layers):
+    for index, layer in enumerate(prompt_cache.layers):  # `cache` is empty: a static layer writes at its first W slots
         keys, values = layer.keys.repeat_interleave(copies, 0), layer.values.repeat_interleave(copies, 0)
-        cache.update(keys, values, index, slots)
+        cache.update(keys, values, index)  # and counts them, as the model's own prefill would
     return logits.repeat_interleave(copies, 0)
 
 
