@@ -100,6 +100,7 @@ def build_rewriter(cfg: DictConfig):
             num_samples=num_samples,
             temperature=temperature,
             seed=int(cfg.get("seed", 0)),
+            shared_prefill=bool(cfg.rewriter.get("shared_prefill", False)),
         )
     raise ValueError(f"unknown rewriter '{name}': use raw, history, human, file or model")
 

@@ -124,6 +124,8 @@ class ModelRewriter:
     With `num_samples` > 1 the greedy rewrite is joined by `num_samples - 1` rewrites sampled at `temperature`
     (`Rewrite.samples`; a sample without a readable rewrite stands for the question), reproducibly from `seed`;
     the search plan searches them all and sums their rankings. `format_ok` and the response are the greedy one's.
+    With `shared_prefill` the samples are drawn by the package's decoding loop, each prompt prefilled once for all
+    its samples instead of once per sample (the same distribution, other random numbers).
     """
 
     def __init__(
@@ -140,12 +142,14 @@ class ModelRewriter:
         num_samples: int = 1,
         temperature: float = 1.0,
         seed: int = 0,
+        shared_prefill: bool = False,
     ):
         if lenient and response_format != REWRITE_ONLY:
             raise ConfigError("rewriter.lenient_format works with rewriter.response_format=rewrite_only only")
         check_sampling(num_samples, temperature)
         self.num_samples = num_samples
         self.temperature = temperature
+        self.shared_prefill = shared_prefill
         self._call_seeds = random.Random(seed)  # each call samples from its own seed drawn from `seed`'s stream
         self.prefill = response_prefix(response_format) if prefill else ""
         self.lenient = lenient
@@ -175,6 +179,8 @@ class ModelRewriter:
         extra: list[tuple[str, ...]] = [()] * len(turns)
         if self.num_samples > 1:
             n = self.num_samples - 1
+            # the loop pads each batch to its longest prompt (a static cache of at least 0 positions: as needed)
+            loop = {"decode_loop": True, "static_cache_width": 0} if self.shared_prefill else {}
             with out_of_memory_named("rewriter", "sampling further rewrites", self.memory_hints):
                 sampled = generate(
                     self.model,
@@ -186,6 +192,7 @@ class ModelRewriter:
                     num_return_sequences=n,
                     batch_size=max(1, self.batch_size // n),  # about batch_size sequences a call, as the greedy call
                     seed=self._call_seeds.getrandbits(62),
+                    **loop,
                 )
             per_turn = texts_by_prompt(sampled, len(turns))
             extra = [

@@ -161,6 +161,29 @@ def test_several_sampled_rewrites_are_searched_saved_and_scored_again_identicall
     assert [r["query"] for r in rows(tmp_path / "f")] == [r["query"] for r in rows(tmp_path / "s")]
 
 
+def test_shared_prefill_draws_the_samples_with_one_prefill_a_turn(fixture_data_dir, tmp_path, monkeypatch):
+    """rewriter.shared_prefill=true: the sampled rewrites come from the decoding loop, which prefills each turn's
+    prompt once for its samples; near zero temperature they are the greedy rewrite."""
+    from cqr_lightning.models import decode_loop
+
+    prefills = []
+    real_prefill = decode_loop.shared_prefill
+
+    def counted(model, input_ids, attention_mask, cache, copies):
+        prefills.append((input_ids.shape[0], copies))
+        return real_prefill(model, input_ids, attention_mask, cache, copies)
+
+    monkeypatch.setattr(decode_loop, "shared_prefill", counted)
+    settings = ["rewriter=model", "model=tiny", "rewriter.max_new_tokens=8", "rewriter.response_format=rewrite_only",
+                "rewriter.prefill_response=true", "rewriter.lenient_format=true", "logger=none",
+                "rewriter.num_samples=3", "rewriter.temperature=0.0001", "rewriter.shared_prefill=true"]  # fmt: skip
+    metrics = run_evaluation(evaluate_cfg(fixture_data_dir, tmp_path / "s", tmp_path / "m.db", *settings))
+    rows = [json.loads(line) for line in (tmp_path / "s" / "rewrites.jsonl").read_text().splitlines()]
+    assert metrics["rewrites_per_turn"] == 3 and prefills, "the samples went through the loop"
+    assert all(copies == 2 for _, copies in prefills) and sum(n for n, _ in prefills) == len(rows)
+    assert all(row["samples"] == [row["rewrite"]] * 2 for row in rows)
+
+
 @pytest.mark.parametrize("setting", ["rewriter.num_samples=0", "rewriter.temperature=0"])
 def test_unusable_sampling_settings_stop_before_the_model_loads(fixture_data_dir, tmp_path, setting, monkeypatch):
     import cqr_lightning.models.loading as loading
