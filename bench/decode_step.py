@@ -101,7 +101,7 @@ def main() -> None:
         "ms_per_decoding_step": round(ms_per_step, 2), "bound_ms": round(bound, 2),
         "share_of_bound": round(bound / ms_per_step, 3),
         "peak_allocated_gib": None if args.cpu else round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        "versions": f"torch {torch.__version__}, transformers {__import__('transformers').__version__}",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
     }  # fmt: skip
     print(json.dumps(result))
     args.out.mkdir(parents=True, exist_ok=True)
