@@ -9,6 +9,7 @@ callbacks only read what it last scored (`last`) to log it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from cqr_lightning.formatting import parse_response
 from cqr_lightning.grpo.reward_terms import WeightedTerm, combine_terms, weighted_terms
 from cqr_lightning.prompts import THINK_REWRITE
 from cqr_lightning.records import Turn
-from cqr_lightning.retrieval.base import Retriever, best_gold_rank
+from cqr_lightning.retrieval.base import Retriever, SearchHit, best_gold_rank
 from cqr_lightning.search import SearchPlan, search_turns
 
 # Gold-rank buckets for statistics: (label, lowest rank, highest rank); a rank beyond them is "not_found".
@@ -136,14 +137,17 @@ class RetrievalScorer:
         """Reward each response (turns[i] is the turn response i answers); a malformed one is not searched."""
         parsed = [parse_response(text, self.response_format) for text in responses]
         scored = [i for i, p in enumerate(parsed) if p.format_ok]
-        ranks: list[int | None] = [None] * len(parsed)
+        rankings: list[list[SearchHit] | None] = [None] * len(parsed)
         if scored:
-            found = self.best_ranks([parsed[i].rewrite for i in scored], [turns[i] for i in scored])
-            for i, rank in zip(scored, found, strict=True):
-                ranks[i] = rank
+            found = self.rankings([turns[i] for i in scored], [parsed[i].rewrite for i in scored])
+            for i, hits in zip(scored, found, strict=True):
+                rankings[i] = hits
+        ranks = [
+            None if hits is None else best_gold_rank(hits, turn.positives)
+            for hits, turn in zip(rankings, turns, strict=True)
+        ]
         rewrites, format_ok = [p.rewrite for p in parsed], [p.format_ok for p in parsed]
-        wanted = any(term.needs_question_ranks for term in self.rewards)
-        context = {"question_ranks": self.question_ranks(turns)} if wanted else {}
+        context = self.term_context(turns, rankings)
         terms = {term.name: term.fn(rewrites, ranks, format_ok, list(turns), **context) for term in self.rewards}
         batch = RewardBatch(
             rewards=combine_terms(terms, {term.name: term.weight for term in self.rewards}),
@@ -157,6 +161,18 @@ class RetrievalScorer:
         )
         self.last = (list(turns), list(responses), batch)
         return batch
+
+    def term_context(self, turns: Sequence[Turn], rankings: list[list[SearchHit] | None]) -> dict:
+        """What the reward terms name beyond the per-response lists (`TERM_CONTEXT`), computed only when named."""
+        wanted = set().union(*(term.context_names for term in self.rewards))
+        context = {}
+        if "question_ranks" in wanted:
+            context["question_ranks"] = self.question_ranks(turns)
+        if "rankings" in wanted:
+            context["rankings"] = rankings
+        if "combine" in wanted:
+            context["combine"] = functools.partial(self.plan.combine, depth=self.depth)
+        return context
 
     def question_ranks(self, turns: Sequence[Turn]) -> list[int | None]:
         """Best gold rank of each turn's question searched as asked; searched once per turn id and remembered."""

@@ -11,6 +11,7 @@ from cqr_lightning.grpo.rewards import rank_incentive_reward
 from cqr_lightning.records import Turn
 from cqr_lightning.retrieval.factory import open_retriever
 from cqr_lightning.scoring import SPEC_REWARD, RetrievalScorer, reward_statistics
+from cqr_lightning.search import SearchPlan
 
 RANKS = [1, 2, 10, 11, 57, 100, None, 3, None]
 FORMAT_OK = [True, True, True, True, True, True, True, False, False]
@@ -49,6 +50,7 @@ def test_bad_reward_settings_name_the_setting():
         weighted_terms([{"name": "format", "weight": float("nan")}])
     names = {"rank_incentive", "mrr@3", "ndcg@3", "recall@10", "recall@100", "format", "below_question"}
     names |= {"needless_rewrite", "rewrite_when_solved"}
+    names |= {"loo_rank_incentive", "loo_mrr@3", "loo_ndcg@3", "loo_recall@10", "loo_recall@100"}
     assert set(REWARD_TERMS) == names
 
 
@@ -150,3 +152,59 @@ def test_scorer_searches_each_question_once_for_the_relative_term(bm25s_cfg, dat
     assert off_topic.terms["rewrite_when_solved"] == [-1.0 if s else 0.0 for s in solved]
     assert spec_only._question_ranks == {}, "no term names question_ranks: the questions are not searched"
     assert batch.rewards == pytest.approx([rank_incentive_reward(r, True) for r in asked])
+
+
+def test_leave_one_out_pays_each_rewrite_what_its_group_loses_without_it():
+    from cqr_lightning.grpo.reward_terms import leave_one_out_term
+    from cqr_lightning.grpo.rewards import mrr3_reward
+    from cqr_lightning.retrieval.base import SearchHit
+    from cqr_lightning.search import score_sum_fusion
+
+    def ranking(*scored):
+        return [SearchHit(pid, score) for pid, score in scored]
+
+    t, u = (
+        Turn(id="t", history=(), question="q", positives=("g",)),
+        Turn(id="u", history=(), question="q", positives=("h",)),
+    )
+    rankings = [
+        ranking(("g", 5.0), ("a", 1.5)),  # brings g up
+        ranking(("a", 4.0), ("b", 3.0)),  # pushes a and b above it
+        ranking(("a", 2.0), ("b", 1.5), ("g", 1.0)),  # g third
+        None,  # malformed
+        ranking(("h", 2.0)),  # the only rewrite of turn u
+    ]
+    ok = [True, True, True, False, True]
+    values = leave_one_out_term(mrr3_reward)(
+        [None] * 5, [None] * 5, ok, [t, t, t, t, u], rankings=rankings, combine=score_sum_fusion,
+        question_ranks=[3, 3, 3, 3, None],
+    )  # fmt: skip
+    # summed, the three put g second (g 6.0, a 7.5); without the first g is third, without the second first, without
+    # the third second; turn u's lone rewrite against its question's ranking (no gold: 0)
+    assert values == pytest.approx([1 / 2 - 1 / 3, 1 / 2 - 1, 0.0, None, 1.0])
+
+
+def test_leave_one_out_combines_a_group_as_the_rewriter_is_searched_at_inference(bm25s_cfg, data_cfg):
+    terms = weighted_terms([{"name": "loo_rank_incentive", "weight": 1.0}])
+    shape = rank_incentive_reward
+    opening = [{"role": "user", "text": "What is the capital of Japan?"}, {"role": "assistant", "text": "Tokyo."}]
+    later = Turn(id="tower", history=tuple(opening), question="What about its height?", positives=("tokyo-2",))
+    first = Turn(id="first", history=(), question="When did the Tokyo Tower open?", positives=("tokyo-2",))
+    rewrites = ["Tokyo Tower lattice", "What about its height?", "piano keys white and black", "Japan population"]
+    responses = [f"<rewrite> {r} </rewrite>" for r in rewrites] + ["no tags"]
+    plan = SearchPlan(query_mode="question_rewrite")
+    with open_retriever(bm25s_cfg, data_cfg.corpus, show_progress=False) as retriever:
+        scorer = RetrievalScorer(retriever, plan, rewards=terms, response_format="rewrite_only")
+        batch = scorer.score([later] * 5 + [first] * 2, responses + responses[:2])
+
+        def inference_value(group):  # the rank the rewriter's rewrites of the turn get when evaluated together
+            (result,) = scorer.evaluate([later], [tuple(group)] if group else [None])
+            return shape(result.best_rank, True)
+
+        whole = inference_value(rewrites)
+        expected = [whole - inference_value(rewrites[:i] + rewrites[i + 1 :]) for i in range(4)]
+    values = batch.terms["loo_rank_incentive"]
+    assert values[:4] == pytest.approx(expected)
+    assert any(v != 0 for v in expected)  # the group's rewrites do not all weigh the same
+    assert values[4] is None  # malformed: not searched, no opinion
+    assert values[5:] == [0.0, 0.0]  # a first turn is searched as asked whatever is written: nothing to add

@@ -8,7 +8,9 @@ A term is a function of what the scorer knows about each response, all lists of 
 search it was scored with (None when no gold passage is in the top 100, or when the response was malformed and not
 searched), `format_ok[i]` the format check, `turns[i]` the turn (question, history, positives...). A term that
 names `question_ranks` as a parameter also gets the best gold rank of each turn's question searched as asked (one
-more search per new turn, made only when some term asks for it). None means "no opinion" and counts as 0 in the
+more search per new turn, made only when some term asks for it). A term that names `rankings` gets each
+response's ranking (None for a malformed one), and `combine` the search plan's way of making one ranking of several
+(as for a turn's several sampled rewrites at inference). None means "no opinion" and counts as 0 in the
 sum. The reward is sum(weight * term). The default, a `rank_incentive` term and a
 `format` term of weight 1, equals SPEC's reward exactly: the rank-incentive value of a well-formed response, -0.1
 for a malformed one.
@@ -28,8 +30,10 @@ from dataclasses import dataclass
 from cqr_lightning.errors import ConfigError
 from cqr_lightning.formatting import is_copy
 from cqr_lightning.grpo.rewards import FORMAT_FAILURE_REWARD, REWARD_FUNCTIONS, RewardFunction, rank_incentive_reward
+from cqr_lightning.retrieval.base import best_gold_rank
 
 RewardTerm = Callable[..., list[float | None]]  # (rewrites, ranks, format_ok, turns, **context)
+TERM_CONTEXT = frozenset({"question_ranks", "rankings", "combine"})  # what a term may name beyond the lists
 
 
 def rank_term(shape: RewardFunction) -> RewardTerm:
@@ -97,7 +101,40 @@ def rewrite_when_solved_term(rewrites, ranks, format_ok, turns, question_ranks, 
     return charge_changed_questions(rewrites, ranks, format_ok, turns, question_ranks, question_solves)
 
 
+def leave_one_out_term(shape: RewardFunction) -> RewardTerm:
+    """What each well-formed response adds to its group searched together, as the trained rewriter is asked at
+    inference (`rewriter.num_samples`: a turn's rewrites searched together, their rankings combined):
+    shape(rank of the group's well-formed rewrites combined) - shape(rank of the same without this one), where a
+    group is the responses to one turn and a group of none is the question searched as asked. The group's value
+    is the same for all its members, so under GRPO's group normalisation the term ranks a sample by how much the
+    others lose without it: a rewrite that alone brings the gold passage up earns, one that several others already
+    cover earns nothing, one that drags the combined ranking down pays. None for a malformed response."""
+
+    def term(rewrites, ranks, format_ok, turns, rankings, combine, question_ranks, **context) -> list[float | None]:
+        groups: dict[str, list[int]] = {}
+        for i, (ok, turn) in enumerate(zip(format_ok, turns, strict=True)):
+            if ok:
+                groups.setdefault(turn.id, []).append(i)
+        values: list[float | None] = [None] * len(ranks)
+        for members in groups.values():
+            turn, question_rank = turns[members[0]], question_ranks[members[0]]
+
+            def rank_of(subset: list[int], turn=turn, question_rank=question_rank) -> int | None:
+                if not subset:
+                    return question_rank
+                return best_gold_rank(combine([rankings[j] for j in subset]), turn.positives)
+
+            whole = shape(rank_of(members), True)
+            for i in members:
+                values[i] = whole - shape(rank_of([j for j in members if j != i]), True)
+        return values
+
+    term.__name__ = f"leave_one_out_{shape.__name__}"
+    return term
+
+
 REWARD_TERMS: dict[str, RewardTerm] = {name: rank_term(fn) for name, fn in REWARD_FUNCTIONS.items()}
+REWARD_TERMS.update({f"loo_{name}": leave_one_out_term(fn) for name, fn in REWARD_FUNCTIONS.items()})
 REWARD_TERMS["format"] = format_term
 REWARD_TERMS["below_question"] = below_question_term
 REWARD_TERMS["needless_rewrite"] = needless_rewrite_term
@@ -111,8 +148,9 @@ class WeightedTerm:
     fn: RewardTerm
 
     @property
-    def needs_question_ranks(self) -> bool:
-        return "question_ranks" in inspect.signature(self.fn).parameters
+    def context_names(self) -> set[str]:
+        """The context (`TERM_CONTEXT`) the term's function names as parameters."""
+        return TERM_CONTEXT & set(inspect.signature(self.fn).parameters)
 
 
 def resolve_term(name: str) -> RewardTerm:
