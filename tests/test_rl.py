@@ -79,7 +79,7 @@ def lora_state(policy) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" in k and v.requires_grad}
 
 
-def fit(module, data_cfg, callbacks, steps: int, tmp_path, **trainer_kwargs):
+def fit(module, data_cfg, callbacks, steps: int, tmp_path, batch_size: int = 1, **trainer_kwargs):
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -91,7 +91,7 @@ def fit(module, data_cfg, callbacks, steps: int, tmp_path, **trainer_kwargs):
         callbacks=callbacks,
         **{"enable_checkpointing": False, **trainer_kwargs},
     )
-    trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=1))
+    trainer.fit(module, datamodule=ConversationDataModule(data_cfg, batch_size=batch_size))
     return trainer
 
 

@@ -34,17 +34,28 @@ class Rollout:
         return self.input_ids.shape[0]
 
     def select(self, index: slice | Tensor) -> Rollout:
-        """A sub-batch, trimmed to its longest response (saves compute on short micro-batches)."""
+        """A sub-batch without the columns that are padding in all its rows: cut to its longest response on the
+        right and to its longest prompt on the left (positions come from the attention mask, so the values do not
+        change; a micro-batch of short prompts no longer pays for the batch's longest)."""
         response_mask = self.response_mask[index]
         width = int(response_mask.sum(dim=1).max().item()) if response_mask.numel() else 0
         width = max(width, 1)
         end = self.prompt_width + width
-        return Rollout(
-            input_ids=self.input_ids[index, :end],
-            attention_mask=self.attention_mask[index, :end],
-            response_mask=response_mask[:, :width],
-            prompt_width=self.prompt_width,
+        attention_mask = self.attention_mask[index]
+        longest_prompt = (
+            int(attention_mask[:, : self.prompt_width].sum(dim=1).max().item()) if len(attention_mask) else 0
         )
+        start = self.prompt_width - max(longest_prompt, 1)
+        return Rollout(
+            input_ids=self.input_ids[index, start:end],
+            attention_mask=attention_mask[:, start:end],
+            response_mask=response_mask[:, :width],
+            prompt_width=self.prompt_width - start,
+        )
+
+    def prompt_lengths(self) -> Tensor:
+        """Each row's prompt length in tokens."""
+        return self.attention_mask[:, : self.prompt_width].sum(dim=1)
 
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(

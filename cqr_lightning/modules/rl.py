@@ -205,15 +205,19 @@ class RLModule(PolicyModule):
             return None
         return self.static_prompt_bucket
 
-    def micro_batches(self, n: int):
-        for start in range(0, n, self.micro_batch_size):
-            yield slice(start, min(n, start + self.micro_batch_size))
+    def micro_batches(self, rollout: Rollout):
+        """Row indices of each micro-batch: rows ordered by prompt length, longest first (a group's samples share
+        their prompt and stay together), so each micro-batch is padded to prompts of about its own length
+        (`Rollout.select`). The loss is a sum over micro-batches, so their make-up does not change the gradient."""
+        order = torch.sort(rollout.prompt_lengths(), descending=True, stable=True).indices
+        for start in range(0, len(order), self.micro_batch_size):
+            yield order[start : start + self.micro_batch_size].to(rollout.input_ids.device)
 
     @torch.no_grad()
     def log_probs_no_grad(self, model, rollout: Rollout) -> torch.Tensor:
         width = rollout.response_mask.shape[1]
         out = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=self.device)
-        for index in self.micro_batches(len(rollout)):
+        for index in self.micro_batches(rollout):
             part = rollout.select(index)
             logp, _ = response_log_probs(model, part, self.temperature, chunk_size=self.logprob_chunk_size)
             out[index, : part.response_mask.shape[1]] = logp.float()
@@ -286,7 +290,7 @@ class RLModule(PolicyModule):
         total_sequences = self.global_sum(float(n))
         totals: dict[str, float] = {}
         for _ in range(self.updates_per_rollout):
-            for index in self.micro_batches(n):
+            for index in self.micro_batches(rollout):
                 part = rollout.select(index)
                 width = part.response_mask.shape[1]
                 with_entropy = bool(self.entropy_coef)
