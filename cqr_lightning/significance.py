@@ -168,12 +168,18 @@ def conversations_of(turns: Sequence[str], conversation: dict[str, str], turn_fi
     return [conversation[turn] for turn in turns]
 
 
-def conversation_by_turn(turn_file: str | Path) -> dict[str, str]:
-    """Turn id -> conversation key (the first user message, as the held-out split groups turns)."""
-    from cqr_lightning.holdout import conversation_key
+def read_turn_file(turn_file: str | Path) -> list:
+    """The evaluated split's turns (their gold passages may be absent: only ids, history and source are used)."""
     from cqr_lightning.readers import read_jsonl_turns
 
-    return {turn.id: conversation_key(turn) for turn in read_jsonl_turns(turn_file, positives_optional=True)}
+    return list(read_jsonl_turns(turn_file, positives_optional=True))
+
+
+def conversation_by_turn(turns: Sequence) -> dict[str, str]:
+    """Turn id -> conversation key (the first user message, as the held-out split groups turns)."""
+    from cqr_lightning.holdout import conversation_key
+
+    return {turn.id: conversation_key(turn) for turn in turns}
 
 
 def compare_files(
@@ -191,7 +197,8 @@ def compare_files(
     turns, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
     conversations = None
     if by_conversation_in is not None:
-        conversations = conversations_of(turns, conversation_by_turn(by_conversation_in), by_conversation_in)
+        conversation = conversation_by_turn(read_turn_file(by_conversation_in))
+        conversations = conversations_of(turns, conversation, by_conversation_in)
     return paired_randomization_test(
         baseline_means, candidate_means, conversations=conversations, samples=samples, seed=seed
     )
@@ -211,6 +218,22 @@ def compare_files_by_group(
     each source); ids the evaluations do not score are ignored, and groups left empty are left out. With
     `conversation` (turn id -> conversation), signs flip per conversation within each group."""
     turns, baseline_means, candidate_means = paired_means(baseline_paths, candidate_paths, metric)
+    return compare_by_group(
+        turns, baseline_means, candidate_means, groups, conversation=conversation, samples=samples, seed=seed
+    )
+
+
+def compare_by_group(
+    turns: Sequence[str],
+    baseline_means: Sequence[float],
+    candidate_means: Sequence[float],
+    groups: dict[str, Sequence[str]],
+    *,
+    conversation: dict[str, str] | None = None,
+    samples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, PairedComparison]:
+    """The paired test within each group of turn ids, on per-turn means already paired (`paired_means`)."""
     place = {turn: i for i, turn in enumerate(turns)}
     results = {}
     for name, ids in groups.items():
@@ -258,21 +281,23 @@ def main(argv: Sequence[str] | None = None) -> PairedComparison:
     if args.by_conversation and args.turns is None:
         parser.error("--by-conversation reads each turn's conversation from --turns: give the evaluated split's file")
     baselines = [args.baseline, *args.baseline_also]
-    by_conversation_in = args.turns if args.by_conversation else None
-    result = compare_files(
-        baselines, args.candidate, args.metric, by_conversation_in=by_conversation_in, samples=args.samples,
+    turns, baseline_means, candidate_means = paired_means(baselines, args.candidate, args.metric)
+    evaluated_split = read_turn_file(args.turns) if args.turns is not None else []
+    conversation = conversation_by_turn(evaluated_split) if args.by_conversation else None
+    result = paired_randomization_test(
+        baseline_means,
+        candidate_means,
+        conversations=None if conversation is None else conversations_of(turns, conversation, args.turns),
+        samples=args.samples,
         seed=args.seed,
-    )  # fmt: skip
+    )
     print(result.describe(args.metric))
     if args.turns is not None:
         from cqr_lightning.evaluation import turn_groups
-        from cqr_lightning.readers import read_jsonl_turns
 
-        groups = turn_groups(list(read_jsonl_turns(args.turns, positives_optional=True)))
-        conversation = conversation_by_turn(args.turns) if args.by_conversation else None
-        by_group = compare_files_by_group(
-            baselines, args.candidate, groups, args.metric, conversation=conversation, samples=args.samples,
-            seed=args.seed,
+        by_group = compare_by_group(
+            turns, baseline_means, candidate_means, turn_groups(evaluated_split), conversation=conversation,
+            samples=args.samples, seed=args.seed,
         )  # fmt: skip
         for name, comparison in by_group.items():
             print(f"  {name}: {comparison.describe(args.metric)}")
