@@ -150,7 +150,13 @@ def _decode(
 
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = shared_prefill(model, input_ids, attention_mask, cache, copies)  # [B, V]
+    if copies == 1:  # nothing to share: prefill straight into the loop's cache, without a second prompt-sized one
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
+        logits = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        ).logits[:, -1]
+    else:
+        logits = shared_prefill(model, input_ids, attention_mask, cache, copies)  # [B, V]
     step = compiled_forward(model, compile_step)
     written = 0
     for index in range(max_new_tokens):
