@@ -42,9 +42,8 @@ class Rollout:
         width = max(width, 1)
         end = self.prompt_width + width
         attention_mask = self.attention_mask[index]
-        longest_prompt = (
-            int(attention_mask[:, : self.prompt_width].sum(dim=1).max().item()) if len(attention_mask) else 0
-        )
+        prompt_lengths = attention_mask[:, : self.prompt_width].sum(dim=1)
+        longest_prompt = int(prompt_lengths.max().item()) if prompt_lengths.numel() else 0
         start = self.prompt_width - max(longest_prompt, 1)
         return Rollout(
             input_ids=self.input_ids[index, start:end],
