@@ -105,10 +105,11 @@ def leave_one_out_term(shape: RewardFunction) -> RewardTerm:
     """What each well-formed response adds to its group searched together, as the trained rewriter is asked at
     inference (`rewriter.num_samples`: a turn's rewrites searched together, their rankings combined):
     shape(rank of the group's well-formed rewrites combined) - shape(rank of the same without this one), where a
-    group is the responses to one turn and a group of none is the question searched as asked. The group's value
-    is the same for all its members, so under GRPO's group normalisation the term ranks a sample by how much the
-    others lose without it: a rewrite that alone brings the gold passage up earns, one that several others already
-    cover earns nothing, one that drags the combined ranking down pays. None for a malformed response."""
+    group is the responses to one turn (a turn met twice in one batch makes one group of both) and a group of none
+    is the question searched as asked. The group's value is the same for all its members, so under GRPO's group
+    normalisation the term ranks a sample by how much the others lose without it: a rewrite that alone brings the
+    gold passage up earns, one that several others already cover earns nothing, one that drags the combined ranking
+    down pays. None for a malformed response."""
 
     def term(rewrites, ranks, format_ok, turns, rankings, combine, question_ranks, **context) -> list[float | None]:
         groups: dict[str, list[int]] = {}
