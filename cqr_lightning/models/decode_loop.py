@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import StaticCache
 
+from cqr_lightning.grpo.rollout import position_ids
 from cqr_lightning.models.packed_gqa import packed_gqa
 from cqr_lightning.models.sampling import next_tokens
 
@@ -118,7 +119,7 @@ def shared_prefill(model, input_ids, attention_mask, cache: StaticCache, copies:
     """
     batch, width = input_ids.shape
     prompt_cache = StaticCache(config=model.config, max_cache_len=width)  # [B] rows: the prompts alone
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
+    positions = position_ids(attention_mask)  # [B, W]
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=prompt_cache,
         logits_to_keep=1,
@@ -151,7 +152,7 @@ def _decode(
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     if copies == 1:  # nothing to share: prefill straight into the loop's cache, without a second prompt-sized one
-        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, W]
+        positions = position_ids(attention_mask)  # [B, W]
         logits = model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
         ).logits[:, -1]
