@@ -62,9 +62,8 @@ def in_order_micro_batches(rollout: Rollout, size: int):
 
 def by_length_micro_batches(rollout: Rollout, size: int):
     """The layout now, as `RLModule.micro_batches` builds it."""
-    order = torch.sort(rollout.prompt_lengths(), descending=True, stable=True).indices
-    for start in range(0, len(order), size):
-        yield rollout.select(order[start : start + size])
+    for index in rollout.micro_batches(size):
+        yield rollout.select(index)
 
 
 LAYOUTS = {"in_order": in_order_micro_batches, "by_length": by_length_micro_batches}

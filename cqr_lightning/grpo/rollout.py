@@ -13,7 +13,7 @@ the same positions the sampler saw.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +55,13 @@ class Rollout:
     def prompt_lengths(self) -> Tensor:
         """Each row's prompt length in tokens."""
         return self.attention_mask[:, : self.prompt_width].sum(dim=1)
+
+    def micro_batches(self, size: int) -> Iterator[Tensor]:
+        """Row indices of micro-batches of `size` rows: rows ordered by prompt length, longest first (rows with one
+        prompt stay together), so each `select`ed micro-batch is padded to prompts of about its own length."""
+        order = torch.sort(self.prompt_lengths(), descending=True, stable=True).indices
+        for start in range(0, len(order), size):
+            yield order[start : start + size].to(self.input_ids.device)
 
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(

@@ -206,12 +206,10 @@ class RLModule(PolicyModule):
         return self.static_prompt_bucket
 
     def micro_batches(self, rollout: Rollout):
-        """Row indices of each micro-batch: rows ordered by prompt length, longest first (a group's samples share
-        their prompt and stay together), so each micro-batch is padded to prompts of about its own length
-        (`Rollout.select`). The loss is a sum over micro-batches, so their make-up does not change the gradient."""
-        order = torch.sort(rollout.prompt_lengths(), descending=True, stable=True).indices
-        for start in range(0, len(order), self.micro_batch_size):
-            yield order[start : start + self.micro_batch_size].to(rollout.input_ids.device)
+        """Row indices of each micro-batch, by prompt length (`Rollout.micro_batches`; a group's samples share their
+        prompt and stay together). The loss is a sum over micro-batches, so their make-up does not change the
+        gradient."""
+        return rollout.micro_batches(self.micro_batch_size)
 
     @torch.no_grad()
     def log_probs_no_grad(self, model, rollout: Rollout) -> torch.Tensor:
