@@ -41,13 +41,12 @@ class Rollout:
         width = int(response_mask.sum(dim=1).max().item()) if response_mask.numel() else 0
         width = max(width, 1)
         end = self.prompt_width + width
-        attention_mask = self.attention_mask[index]
-        prompt_lengths = attention_mask[:, : self.prompt_width].sum(dim=1)
+        prompt_lengths = self.prompt_lengths()[index]
         longest_prompt = int(prompt_lengths.max().item()) if prompt_lengths.numel() else 0
         start = self.prompt_width - max(longest_prompt, 1)
         return Rollout(
             input_ids=self.input_ids[index, start:end],
-            attention_mask=attention_mask[:, start:end],
+            attention_mask=self.attention_mask[index, start:end],
             response_mask=response_mask[:, :width],
             prompt_width=self.prompt_width - start,
         )
