@@ -9,7 +9,8 @@ is bound by the GPU's work (busy close to wall) or by the host (launches and a s
 
     python bench/profile_step.py --data DIR --prompts 4 --group 8 --response 256 --fast --static --out OUT
 
-Writes OUT/profile_<label>.json (phases) and OUT/profile_<label>.txt (the top operators and kernels by self time);
+Writes OUT/profile_<label>.json (phases), OUT/profile_<label>.txt (the top operators and kernels by self time on
+the device) and OUT/profile_<label>_host.txt (the same by the host's self time);
 `--trace` also writes a Chrome trace (large: about 100 MB at the 256-token workload). `--tiny-cpu` runs the same
 code on the CPU with the tiny test model (a dry run: no GPU figures).
 """
@@ -140,8 +141,11 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"profile_{label}.json").write_text(json.dumps(result, indent=2))
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
     (args.out / f"profile_{label}.txt").write_text(table)
+    host_table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    (args.out / f"profile_{label}_host.txt").write_text(host_table)  # where the host's time goes
     if args.trace:
         prof.export_chrome_trace(str(args.out / f"trace_{label}.json"))
     print(json.dumps(result["phases"], indent=2))

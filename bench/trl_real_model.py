@@ -15,6 +15,10 @@ and the usual `<run_dir>/eval/` tables. What differs from ours and cannot be mat
 base model with the adapter switched off (ours: the warm-up adapter), TRL has no entropy bonus (ours 0.001),
 and TRL samples from the 4-bit policy (ours from a merged bf16 copy with `rl.fast_sampling`).
 
+`--train-only` (anywhere among the overrides) stops after training: the adapter and a summary without tables;
+run again with the same overrides, it only evaluates that adapter (so that two trainers can train back to back in
+one device call and their tables follow).
+
 `--unsloth` (anywhere among the overrides) trains the same way through Unsloth: its 4-bit loading of the same base
 (the folder `model.*` resolves to, the converted GGUF for the pack), its LoRA with the configuration's rank and
 alpha on the attention and MLP projections (dropout 0: our GRPO turns dropout off too), the warm-up adapter's weights
@@ -34,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 UNSLOTH_FLAG = "--unsloth"
+TRAIN_ONLY_FLAG = "--train-only"
 if UNSLOTH_FLAG in sys.argv:
     import unsloth  # noqa: F401  (before transformers: it patches TRL, transformers and peft as they are imported)
 
@@ -171,17 +176,19 @@ def main(overrides: list[str]) -> dict:
 
     from cqr_lightning.config import compose_train_config
     from cqr_lightning.models.loading import load_policy, load_tokenizer, save_adapter
-    from cqr_lightning.pipeline_tables import evaluate_rewriters
     from cqr_lightning.prompts import render_prompt
     from cqr_lightning.rewriter_card import rewriter_card
     from cqr_lightning.stages import open_stage_retriever, stage_scorer
 
-    unsloth = UNSLOTH_FLAG in overrides
-    overrides = [o for o in overrides if o != UNSLOTH_FLAG]
+    unsloth, train_only = UNSLOTH_FLAG in overrides, TRAIN_ONLY_FLAG in overrides
+    overrides = [o for o in overrides if o not in (UNSLOTH_FLAG, TRAIN_ONLY_FLAG)]
     label, trainer_name = ("Unsloth", "unsloth GRPOTrainer") if unsloth else ("TRL", "trl.GRPOTrainer")
     cfg = compose_train_config(overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    trained = trained_summary(run_dir)
+    if trained is not None:  # an earlier --train-only run: its adapter only gets its tables
+        return evaluate_trained(cfg, run_dir, trained, label)
     torch.manual_seed(int(cfg.seed))
     tokenizer = load_tokenizer(cfg.model)
     if unsloth:
@@ -223,11 +230,7 @@ def main(overrides: list[str]) -> dict:
             (run_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
             raise
         train_seconds = time.perf_counter() - started
-    adapter = save_adapter(
-        policy, run_dir / "rl" / "adapter", tokenizer=tokenizer, card=rewriter_card(cfg, cfg.rl.max_new_tokens)
-    )
-    eval_cfg = OmegaConf.merge(cfg, {"eval": {"untuned_row": False, "warmup_row": False}})
-    tables = evaluate_rewriters(eval_cfg, run_dir, {f"after {label} GRPO": str(adapter)})
+    save_adapter(policy, trained_adapter(run_dir), tokenizer=tokenizer, card=rewriter_card(cfg, cfg.rl.max_new_tokens))
     summary = {
         "trainer": trainer_name,
         "overrides": overrides,
@@ -237,10 +240,36 @@ def main(overrides: list[str]) -> dict:
         "step_seconds": recorder.seconds,
         "reward_mean": recorder.rewards,
         "grad_norms": recorder.grad_norms,
-        "tables": tables,
     }
     (run_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "tables"}, indent=2))
+    print(json.dumps(summary, indent=2))
+    if train_only:
+        return summary
+    del trainer, policy  # the tables load the adapter afresh
+    return evaluate_trained(cfg, run_dir, summary, label)
+
+
+def trained_adapter(run_dir: Path) -> Path:
+    return run_dir / "rl" / "adapter"
+
+
+def trained_summary(run_dir: Path) -> dict | None:
+    """The summary of a finished training whose tables are still to come (a `--train-only` run), else None."""
+    path = run_dir / "trl_summary.json"
+    if not (trained_adapter(run_dir) / "adapter_model.safetensors").is_file() or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if "train_seconds" in summary and "tables" not in summary else None
+
+
+def evaluate_trained(cfg: DictConfig, run_dir: Path, summary: dict, label: str) -> dict:
+    """The pipeline's tables for the trained adapter, added to `summary` (written again)."""
+    from cqr_lightning.pipeline_tables import evaluate_rewriters
+
+    eval_cfg = OmegaConf.merge(cfg, {"eval": {"untuned_row": False, "warmup_row": False}})
+    tables = evaluate_rewriters(eval_cfg, run_dir, {f"after {label} GRPO": str(trained_adapter(run_dir))})
+    summary = {**summary, "tables": tables}
+    (run_dir / "trl_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Issue 16 on the GPU machine, one H200: time to quality on the real model, ours against TRL's
 # GRPOTrainer. One warm-up (`train.py experiment=pack_smollm2 stage=warmup`), then from that adapter, one after the
-# other on the same GPU: our GRPO (the pipeline with the warm-up copied in: RL, then the tables) and TRL's
-# (bench/trl_real_model.py: the same configuration, reward and turns; then the same tables).
+# other on the same GPU: our GRPO and TRL's (bench/trl_real_model.py: the same configuration, reward and turns),
+# then the pipeline's tables for both adapters. WARMUP_ONLY=1 stops after the warm-up.
 #
 #   bash bench/trl_real_model_device.sh SEED [key=value ...]    (extra overrides go to both trainers)
 #   OURS="key=value ..." adds overrides to ours only, e.g. OURS="rl.static_decoding=true rl.static_prompt_bucket=512
 #   rl.static_cache_at_full_length=true" (the knobs that have no
 #   TRL counterpart: static decoding, micro-batch, gradient checkpointing of our loss passes).
 #
-# SECONDS_LIMIT (default 560) stops whatever runs at that many seconds after the start, so that the results still
-# come back within a device call; calling again on the same machine skips the phases that finished (the warm-up,
-# ours, TRL's) and starts a cut one afresh, so that its wall time stays one uninterrupted run (ours trained but
-# without its tables only gets its tables). With the pack experiment on one H200 the whole comparison takes about
-# 1,000 s (warm-up 113 s, ours 371 s to the adapter and about 60 s of tables, TRL about 400 s and its tables), so
-# two back-to-back calls: the first runs the warm-up and ours, the second TRL's.
+# Order: the warm-up, ours' training (`train.py stage=rl` from the warm-up adapter), TRL's training
+# (`bench/trl_real_model.py --train-only`), then ours' tables and TRL's. SECONDS_LIMIT (default 560) stops whatever
+# runs at that many seconds after the start, so that the results still come back within a device call; calling
+# again on the same machine skips the phases that finished and starts a cut one afresh, so that each training's
+# wall time stays one uninterrupted run. With the warm-up done by an earlier call, the two trainings run in one call.
 # UNSLOTH=1 then runs the same through Unsloth (bench/trl_real_model.py --unsloth) once TRL's has finished, in a
 # further call that carried .gpu_whl_unsloth and ran `bench/prepare_device_carry.sh --install`.
 #
@@ -49,30 +48,41 @@ if [ ! -f "$adapter/adapter_model.safetensors" ]; then
   until_deadline python3 train.py "${common[@]}" stage=warmup "run_dir=$runs/warm" >>"$runs/warm.log" 2>&1
   [ -f "$adapter/adapter_model.safetensors" ] || { tail -30 "$runs/warm.log"; exit 1; }
 fi
+[ -z "${WARMUP_ONLY:-}" ] || { grep -E "kept|done" "$runs/warm.log" | tail -3; exit 0; }
 
-if [ -f "$runs/ours/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/ours/eval/summary.json" ]; then
-  # trained, its tables cut by the deadline: the pipeline resumes the same folder and only evaluates
-  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
-    "${ours_only[@]}" >>"$runs/ours_tables.log" 2>&1
-fi
-if [ ! -f "$runs/ours/eval/summary.json" ]; then
+# Both trainers train first, back to back, from the same warm-up; the tables follow, so that the two trainings fit
+# one call. A phase cut by the deadline starts afresh in the next call; a trained one is not trained again.
+if [ ! -f "$runs/ours/rl/adapter/adapter_model.safetensors" ]; then
   rm -rf "$runs/ours" && mkdir -p "$runs/ours" && cp -r "$runs/warm/warmup" "$runs/ours/warmup"
   started=$(date +%s)
-  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
-    "$phase_curves" "${ours_only[@]}" >"$runs/ours.log" 2>&1
+  until_deadline python3 train.py "${common[@]}" stage=rl "model.adapter=$runs/ours/warmup/adapter" \
+    "run_dir=$runs/ours" "$phase_curves" "${ours_only[@]}" >"$runs/ours.log" 2>&1
   echo "== ours: exit $?, to adapter $(to_adapter "$runs/ours" "$started") s, all $(($(date +%s) - started)) s" \
     | tee -a "$runs/times.txt"
-  grep -E "after GRPO|searched with|Error" "$runs/ours.log" | tail -8
+  grep -E "Error" "$runs/ours.log" | tail -8
 fi
 
-if [ -f "$runs/ours/eval/summary.json" ] && [ ! -f "$runs/trl/trl_summary.json" ]; then
+if [ -f "$runs/ours/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/trl/rl/adapter/adapter_model.safetensors" ]; then
   rm -rf "$runs/trl"
   started=$(date +%s)
-  until_deadline python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" \
-    >"$runs/trl.log" 2>&1
+  until_deadline python3 bench/trl_real_model.py --train-only "${common[@]}" "model.adapter=$adapter" \
+    "run_dir=$runs/trl" >"$runs/trl.log" 2>&1
   echo "== TRL: exit $?, to adapter $(to_adapter "$runs/trl" "$started") s, all $(($(date +%s) - started)) s" \
     | tee -a "$runs/times.txt"
-  grep -E "after TRL GRPO|searched with|train_seconds|TRL step|Error" "$runs/trl.log" | tail -12
+  grep -E "train_seconds|Error" "$runs/trl.log" | tail -4
+fi
+
+if [ -f "$runs/trl/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/ours/eval/summary.json" ]; then
+  # the pipeline in ours' folder finds the warm-up and GRPO finished and only evaluates
+  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
+    "${ours_only[@]}" >>"$runs/ours_tables.log" 2>&1
+  grep -E "after GRPO|searched with|Error" "$runs/ours_tables.log" | tail -8
+fi
+
+if [ -f "$runs/ours/eval/summary.json" ] && ! grep -q '"tables"' "$runs/trl/trl_summary.json" 2>/dev/null; then
+  until_deadline python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" \
+    >>"$runs/trl_tables.log" 2>&1
+  grep -E "after TRL GRPO|searched with|Error" "$runs/trl_tables.log" | tail -8
 fi
 
 if [ -n "${UNSLOTH:-}" ] && [ -f "$runs/trl/trl_summary.json" ] && [ ! -f "$runs/unsloth/trl_summary.json" ]; then
