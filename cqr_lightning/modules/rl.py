@@ -57,6 +57,7 @@ class RLModule(PolicyModule):
         scale_advantages: str | bool = "group",
         updates_per_rollout: int = 1,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
         max_grad_norm: float = 1.0,
         max_nonfinite_updates: int = 3,
         optimizer: str = "adamw",
@@ -89,6 +90,9 @@ class RLModule(PolicyModule):
         self.scale_advantages = advantage_scale_name(scale_advantages)  # fails early, naming the setting
         self.updates_per_rollout = updates_per_rollout
         self.micro_batch_size = micro_batch_size
+        if micro_batch_tokens is not None and (isinstance(micro_batch_tokens, bool) or micro_batch_tokens < 1):
+            raise ValueError(f"rl.micro_batch_tokens={micro_batch_tokens} must be a positive integer or null")
+        self.micro_batch_tokens = micro_batch_tokens
         self.max_grad_norm = max_grad_norm
         self.gradient_guard = NonFiniteGradientGuard(max_nonfinite_updates, "rl")
         self.generation_batch_size = generation_batch_size
@@ -205,11 +209,16 @@ class RLModule(PolicyModule):
             return None
         return self.static_prompt_bucket
 
-    def micro_batches(self, rollout: Rollout):
-        """Row indices of each micro-batch, by prompt length (`Rollout.micro_batches`; a group's samples share their
-        prompt and stay together). The loss is a sum over micro-batches, so their make-up does not change the
-        gradient."""
-        return rollout.micro_batches(self.micro_batch_size)
+    def micro_batches(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Row indices of each micro-batch, by prompt length, of at most `rl.micro_batch_size` rows and
+        `rl.micro_batch_tokens` tokens (`Rollout.micro_batches`; a group's samples share their prompt and stay
+        together). The loss is a sum over micro-batches, so their make-up does not change the gradient. Under DDP a
+        token budget can give the processes different counts, so all take the largest (each backward all-reduces)."""
+        batches = list(rollout.micro_batches(self.micro_batch_size, self.micro_batch_tokens))
+        if self.micro_batch_tokens is None or self.world_size == 1:
+            return batches
+        count = self.global_max(len(batches))
+        return list(rollout.micro_batches(self.micro_batch_size, self.micro_batch_tokens, at_least=count))
 
     @torch.no_grad()
     def log_probs_no_grad(self, model, rollout: Rollout) -> torch.Tensor:
@@ -252,6 +261,9 @@ class RLModule(PolicyModule):
             return hints
         backward = phase == "forward_backward"
         hints = loss_pass_hints("rl.micro_batch_size", self.micro_batch_size, backward, checkpointing_on(self.policy))
+        if self.micro_batch_tokens is not None:
+            budget = self.micro_batch_tokens
+            hints.insert(0, f"rl.micro_batch_tokens={budget} (tokens a pass holds at once; e.g. {max(1, budget // 2)})")
         if self.logprob_chunk_size is None:
             hints.append("rl.logprob_chunk_size=1024 (no micro-batch's full-vocabulary logits at once)")
         if self.fast_sampling and not self.release_sampling_copy:
@@ -272,6 +284,13 @@ class RLModule(PolicyModule):
     @property
     def world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
+
+    def global_max(self, value: int) -> int:
+        """The largest of `value` over the DDP processes."""
+        largest = self.trainer.strategy.reduce(
+            torch.tensor(value, device=self.device), reduce_op=torch.distributed.ReduceOp.MAX
+        )
+        return int(largest)
 
     def global_sum(self, value: float) -> float:
         """`value` summed over the DDP processes (itself on one process)."""
