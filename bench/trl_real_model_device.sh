@@ -73,8 +73,10 @@ if [ -f "$runs/ours/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/trl
 fi
 
 if [ -f "$runs/trl/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/ours/eval/summary.json" ]; then
-  # the pipeline in ours' folder finds the warm-up and GRPO finished and only evaluates
-  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" eval.untuned_row=false eval.warmup_row=false \
+  # the pipeline in ours' folder finds the warm-up and GRPO finished and only evaluates (model.adapter as its
+  # `stage=rl` recorded it, or the folder's settings check stops the run)
+  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" "model.adapter=$runs/ours/warmup/adapter" \
+    eval.untuned_row=false eval.warmup_row=false \
     "${ours_only[@]}" >>"$runs/ours_tables.log" 2>&1
   grep -E "after GRPO|searched with|Error" "$runs/ours_tables.log" | tail -8
 fi
