@@ -40,9 +40,10 @@ def check_settings(cfg, groups: Iterable[str]) -> None:
                 continue
             if isinstance(value, bool) or not isinstance(value, Real) or value <= 0:
                 raise ConfigError(f"{group}.{name}={value} must be a positive number")
-        generation_batch = section.get("generation_batch_size") if group == "rl" else None
-        if generation_batch is not None and (not isinstance(generation_batch, int) or generation_batch <= 0):
-            raise ConfigError(f"rl.generation_batch_size={generation_batch} must be a positive integer or null")
+        for name in ("generation_batch_size", "micro_batch_tokens") if group == "rl" else ():
+            value = section.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"rl.{name}={value} must be a positive integer or null")
         if group == "rl" and not (isinstance(section.get("group_size"), int) and section.get("group_size") >= 2):
             raise ConfigError(
                 f"rl.group_size={section.get('group_size')} must be at least 2: GRPO's advantage compares each "

@@ -200,6 +200,7 @@ def test_index_command_refuses_an_empty_corpus(tmp_path):
         ("warmup.batch_size=0", "warmup.batch_size=0 must be a positive number"),
         ("warmup.lr=-1e-4", "warmup.lr=-0.0001 must be a positive number"),
         ("rl.generation_batch_size=0", "rl.generation_batch_size=0 must be a positive integer or null"),
+        ("rl.micro_batch_tokens=0.5", "rl.micro_batch_tokens=0.5 must be a positive integer or null"),
     ],
 )
 def test_impossible_settings_are_named(data_dir, tmp_path, override, message):

@@ -419,8 +419,9 @@ def test_static_decoding_fills_a_short_batch_to_the_widest_call_and_returns_only
     assert rows_by_mode[True] == [3, 3], "the short batch keeps the static cache's batch size"
 
 
+@pytest.mark.parametrize("tokens", [None, 512])
 def test_running_out_of_memory_in_the_loss_pass_names_the_settings_that_lower_it(
-    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path
+    tiny_model_cfg, tokenizer, data_cfg, retriever, tmp_path, tokens
 ):
     from test_memory_errors import fail_for_memory, out_of_memory_lines
 
@@ -430,11 +431,13 @@ def test_running_out_of_memory_in_the_loss_pass_names_the_settings_that_lower_it
     fail_for_memory(policy, "forward", when=torch.is_grad_enabled)  # sampling and the reference pass still run
     module = RLModule(
         policy, tokenizer, group_size=2, max_new_tokens=6, max_prompt_length=256, micro_batch_size=4,
-        scorer=RetrievalScorer(retriever),
+        micro_batch_tokens=tokens, scorer=RetrievalScorer(retriever),
     )  # fmt: skip
     message = "\n".join(out_of_memory_lines(lambda: fit(module, data_cfg, [], 1, tmp_path)))
     assert message.startswith("rl: the device ran out of memory during forward_backward (CUDA out of memory.")
     assert "rl.micro_batch_size=4 (sequences a pass holds at once; e.g. 2)" in message
+    budget_hint = "rl.micro_batch_tokens=512 (tokens a pass holds at once; e.g. 256)"
+    assert (budget_hint in message) is (tokens is not None)
     assert "rl.logprob_chunk_size=1024" in message
     assert ("model.gradient_checkpointing=true" in message) is not checkpointing_on(policy)
 
