@@ -99,6 +99,12 @@ def term_key(name: str) -> str:
 SPEC_REWARD = ({"name": "rank_incentive", "weight": 1.0}, {"name": "format", "weight": 1.0})
 
 
+def gold_ranks(rankings: Sequence[list[SearchHit] | None], turns: Sequence[Turn]) -> list[int | None]:
+    """Best gold rank of each ranking (rankings[i] answers turns[i]); None for no ranking or no gold in it."""
+    pairs = zip(rankings, turns, strict=True)
+    return [None if hits is None else best_gold_rank(hits, turn.positives) for hits, turn in pairs]
+
+
 class RetrievalScorer:
     """Judges rewrites by where the retriever ranks a gold passage, searching them as `plan` says."""
 
@@ -130,8 +136,7 @@ class RetrievalScorer:
 
     def best_ranks(self, rewrites: Sequence[str | None], turns: Sequence[Turn]) -> list[int | None]:
         """Best gold rank per rewrite (rewrites[i] belongs to turns[i]), None when none is in the top `depth`."""
-        rankings = self.rankings(turns, rewrites)
-        return [best_gold_rank(hits, turn.positives) for hits, turn in zip(rankings, turns, strict=True)]
+        return gold_ranks(self.rankings(turns, rewrites), turns)
 
     def score(self, turns: Sequence[Turn], responses: Sequence[str]) -> RewardBatch:
         """Reward each response (turns[i] is the turn response i answers); a malformed one is not searched."""
@@ -142,10 +147,7 @@ class RetrievalScorer:
             found = self.rankings([turns[i] for i in scored], [parsed[i].rewrite for i in scored])
             for i, hits in zip(scored, found, strict=True):
                 rankings[i] = hits
-        ranks = [
-            None if hits is None else best_gold_rank(hits, turn.positives)
-            for hits, turn in zip(rankings, turns, strict=True)
-        ]
+        ranks = gold_ranks(rankings, turns)
         rewrites, format_ok = [p.rewrite for p in parsed], [p.format_ok for p in parsed]
         context = self.term_context(turns, rankings)
         terms = {term.name: term.fn(rewrites, ranks, format_ok, list(turns), **context) for term in self.rewards}
