@@ -12,7 +12,8 @@ each answered `--group` times by `--response` tokens. Prints and writes OUT/loss
 loss passes run through under both layouts, against the real (unpadded) tokens, and the passes a step takes
 (`--tokens`: the by-length layout also closes a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
 N steps of `--time-prompts` prompts are also timed: the reference pass (no gradient) through a randomly initialised
-model of `--shape`, in both layouts, on `--device` (float32 on a CPU, bf16 on a GPU).
+model of `--shape`, in both layouts (`--tokens` applies to the by-length one), on `--device` (float32 on a CPU, bf16
+on a GPU).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def time_reference_pass(args, prompts: list[list[int]]) -> dict[str, float]:
                 if device != "cpu":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                for part in layout(rollout, args.time_micro_batch):
+                for part in layout(rollout, args.time_micro_batch, args.tokens):
                     response_log_probs(model, part)
                 if device != "cpu":
                     torch.cuda.synchronize()
