@@ -161,6 +161,9 @@ def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--no-upcast", action="store_true", help="model.upcast_non_quantized=false: norms, embeddings, LM head in bf16"
     )
     parser.add_argument("--no-grad-ckpt", action="store_true", help="model.gradient_checkpointing=false")
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, default=None, help="rl.micro_batch_tokens: a token budget a loss pass"
+    )
     return parser
 
 
@@ -209,6 +212,7 @@ def workload_config(args, model_cfg):
             f"rl.static_prompt_bucket={'null' if args.static_bucket is None else args.static_bucket}",
             f"rl.static_decoding_loop={args.static and args.loop}",
             f"rl.logprob_chunk_size={'null' if args.logprob_chunk_size is None else args.logprob_chunk_size}",
+            f"rl.micro_batch_tokens={'null' if args.micro_batch_tokens is None else args.micro_batch_tokens}",
         ]
     )
     cfg.model = model_cfg
