@@ -31,7 +31,10 @@ export PYTHONPATH=/tmp/site:$PWD CQR_CACHE_DIR=/tmp/cqr_cache PYTHONUNBUFFERED=1
 source "$(dirname "$0")/phase_curves.sh"  # $phase_curves: our GRPO phases' seconds in rl/curves.csv
 read -r -a ours_only <<<"${OURS:-}"
 common=(experiment=pack_smollm2 "seed=$seed" data.dir=/tmp/data logger=none trainer.accelerator=gpu "$@")
-python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+if [ ! -f "$runs/model_cached" ]; then  # once a machine: a later call's ~15 s go to the trainings
+  python3 bench/cache_pack_model.py >>"$runs/prepare.log" 2>&1 || { tail -30 "$runs/prepare.log"; exit 1; }
+  touch "$runs/model_cached"
+fi
 
 to_adapter() {  # RUN_DIR START: seconds from START to the trained adapter's file
   local file="$1/rl/adapter/adapter_model.safetensors"
