@@ -39,6 +39,7 @@ FREE_KEYS = (
     "rl.micro_batch_tokens",
     "rl.generation_batch_size",
     "rl.logprob_chunk_size",
+    "rl.shared_prompt_passes",
     "rl.release_sampling_copy",
     "rl.static_decoding",
     "rl.static_prompt_bucket",

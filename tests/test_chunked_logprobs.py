@@ -53,13 +53,14 @@ def lora_gradients(policy) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in policy.named_parameters() if p.requires_grad}
 
 
-def loss_and_gradients(policy, rollout, chunk_size):
-    """The GRPO loss (KL and entropy terms on) of one micro-batch, backpropagated into the LoRA weights."""
+def loss_and_gradients(policy, rollout, chunk_size, shared_prompts: bool = False):
+    """The GRPO loss (KL and entropy terms on) of one micro-batch of six rows, backpropagated into the LoRA weights."""
     policy.train()
     policy.zero_grad(set_to_none=True)
+    options = {"chunk_size": chunk_size, "shared_prompts": shared_prompts}
     with torch.no_grad(), policy.disable_adapter():
-        ref_logp, _ = response_log_probs(policy, rollout, TEMPERATURE, chunk_size=chunk_size)
-    logp, entropy = response_log_probs(policy, rollout, TEMPERATURE, with_entropy=True, chunk_size=chunk_size)
+        ref_logp, _ = response_log_probs(policy, rollout, TEMPERATURE, **options)
+    logp, entropy = response_log_probs(policy, rollout, TEMPERATURE, with_entropy=True, **options)
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5, -0.25])
     old_logp = logp.detach() + 0.05 * torch.arange(logp.numel()).reshape(logp.shape).sin()  # ratios != 1, some clipped
     loss, _ = grpo_loss(
@@ -71,19 +72,24 @@ def loss_and_gradients(policy, rollout, chunk_size):
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
 def test_chunked_path_gives_the_full_paths_values_and_gradients(policy, rollout, chunk_size):
-    full = loss_and_gradients(policy, rollout, None)
-    chunked = loss_and_gradients(policy, rollout, chunk_size)
-    for name, a, b in zip(("log-probs", "entropy", "reference log-probs"), full[:3], chunked[:3], strict=True):
+    assert_same_values_and_gradients(
+        policy, rollout, loss_and_gradients(policy, rollout, None), loss_and_gradients(policy, rollout, chunk_size)
+    )
+
+
+def assert_same_values_and_gradients(policy, rollout, full, other):
+    """`loss_and_gradients` results agree within the tolerances of this file's docstring."""
+    for name, a, b in zip(("log-probs", "entropy", "reference log-probs"), full[:3], other[:3], strict=True):
         torch.testing.assert_close(masked(b, rollout), masked(a, rollout), atol=ATOL, rtol=0, msg=name)
-    torch.testing.assert_close(chunked[3], full[3], atol=ATOL, rtol=0)
-    assert full[4].keys() == chunked[4].keys() and len(full[4]) > 0
+    torch.testing.assert_close(other[3], full[3], atol=ATOL, rtol=0)
+    assert full[4].keys() == other[4].keys() and len(full[4]) > 0
     bfloat16 = policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8
     for name, grad in full[4].items():
         assert grad.norm() > 0, f"{name} has no gradient: the comparison would be empty"
         if bfloat16:
-            assert (chunked[4][name] - grad).norm() <= 0.01 * grad.norm(), name
+            assert (other[4][name] - grad).norm() <= 0.01 * grad.norm(), name
         else:
-            torch.testing.assert_close(chunked[4][name], grad, atol=ATOL, rtol=0, msg=name)
+            torch.testing.assert_close(other[4][name], grad, atol=ATOL, rtol=0, msg=name)
 
 
 def test_temperature_changes_the_chunked_values_as_it_changes_the_full_ones(policy, rollout):

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from cqr_lightning.grpo.chunked_logprobs import chunked_response_log_probs
 from cqr_lightning.grpo.losses import token_entropy, token_log_probs
+from cqr_lightning.grpo.shared_prompts import shared_prompt_log_probs
 
 
 @dataclass
@@ -135,7 +136,12 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def response_log_probs(
-    model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None
+    model,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    shared_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probabilities (and optionally entropies) of the response tokens under `model`.
 
@@ -143,8 +149,11 @@ def response_log_probs(
     the responses were drawn from.  Only the logits that predict response tokens are materialised: all of
     them at once, or with `chunk_size` those of that many response tokens at a time
     (`chunked_logprobs.py`: same values, far less memory at a large vocabulary).
+    With `shared_prompts` the rows that share a prompt run it once (`shared_prompts.py`; same values).
     Returns ([N, R], [N, R] or None); values at padded positions are meaningless and must be masked.
     """
+    if shared_prompts:
+        return shared_prompt_log_probs(model, rollout, temperature, with_entropy, chunk_size)
     if chunk_size is not None:
         positions = position_ids(rollout.attention_mask)
         return chunked_response_log_probs(model, rollout, positions, temperature, with_entropy, chunk_size)

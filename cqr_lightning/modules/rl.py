@@ -74,6 +74,7 @@ class RLModule(PolicyModule):
         static_cache_at_full_length: bool = False,
         static_decoding_loop: bool = False,
         logprob_chunk_size: int | None = None,
+        shared_prompt_passes: bool = False,
         seed: int = 0,
         **policy_kwargs,
     ):
@@ -116,6 +117,7 @@ class RLModule(PolicyModule):
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"rl.logprob_chunk_size must be a positive token count or null, got {logprob_chunk_size}")
         self.logprob_chunk_size = logprob_chunk_size  # None: all of a micro-batch's logits at once
+        self.shared_prompt_passes = shared_prompt_passes  # the loss passes run each group's prompt once
         self.seed = seed
         self._sampler = None
         self._sampler_step = -1
@@ -226,7 +228,13 @@ class RLModule(PolicyModule):
         out = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=self.device)
         for index in self.micro_batches(rollout):
             part = rollout.select(index)
-            logp, _ = response_log_probs(model, part, self.temperature, chunk_size=self.logprob_chunk_size)
+            logp, _ = response_log_probs(
+                model,
+                part,
+                self.temperature,
+                chunk_size=self.logprob_chunk_size,
+                shared_prompts=self.shared_prompt_passes,
+            )
             out[index, : part.response_mask.shape[1]] = logp.float()
         return out[:, :width]
 
@@ -312,7 +320,12 @@ class RLModule(PolicyModule):
                 width = part.response_mask.shape[1]
                 with_entropy = bool(self.entropy_coef)
                 logp, entropy = response_log_probs(
-                    self.policy, part, self.temperature, with_entropy=with_entropy, chunk_size=self.logprob_chunk_size
+                    self.policy,
+                    part,
+                    self.temperature,
+                    with_entropy=with_entropy,
+                    chunk_size=self.logprob_chunk_size,
+                    shared_prompts=self.shared_prompt_passes,
                 )
                 loss, stats = grpo_loss(
                     logp,
