@@ -164,6 +164,9 @@ def add_our_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--micro-batch-tokens", type=int, default=None, help="rl.micro_batch_tokens: a token budget a loss pass"
     )
+    parser.add_argument(
+        "--shared-prompts", action="store_true", help="rl.shared_prompt_passes: each prompt once a group in the loss"
+    )
     return parser
 
 
@@ -213,6 +216,7 @@ def workload_config(args, model_cfg):
             f"rl.static_decoding_loop={args.static and args.loop}",
             f"rl.logprob_chunk_size={'null' if args.logprob_chunk_size is None else args.logprob_chunk_size}",
             f"rl.micro_batch_tokens={'null' if args.micro_batch_tokens is None else args.micro_batch_tokens}",
+            f"rl.shared_prompt_passes={args.shared_prompts}",
         ]
     )
     cfg.model = model_cfg

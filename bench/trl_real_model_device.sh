@@ -6,8 +6,8 @@
 #
 #   bash bench/trl_real_model_device.sh SEED [key=value ...]    (extra overrides go to both trainers)
 #   OURS="key=value ..." adds overrides to ours only, e.g. OURS="rl.static_decoding=true rl.static_prompt_bucket=512
-#   rl.static_cache_at_full_length=true rl.static_decoding_loop=true rl.micro_batch_tokens=32768" (the knobs that
-#   have no TRL counterpart: static decoding, our decoding loop, a token budget for the loss passes; the extra
+#   rl.static_cache_at_full_length=true rl.static_decoding_loop=true rl.shared_prompt_passes=true" (the knobs that
+#   have no TRL counterpart: static decoding, our decoding loop, each prompt once a group in the loss passes; the extra
 #   overrides, e.g. rl.micro_batch_size=128, which is also TRL's per_device_train_batch_size, go to both).
 #
 # Order: the warm-up, ours' training (`train.py stage=rl` from the warm-up adapter), TRL's training
