@@ -29,8 +29,8 @@ def float32_cfg(cfg):
     return OmegaConf.merge(cfg, {"load_in_4bit": False, "compute_dtype": "float32"})
 
 
-@pytest.fixture(scope="module", params=["4-bit bfloat16", "float32"])
-def policy(request, tiny_model_cfg):
+@pytest.fixture(scope="module", params=["4-bit bfloat16", "float32"], name="policy")
+def two_dtype_policy(request, tiny_model_cfg):
     cfg = tiny_model_cfg if request.param == "4-bit bfloat16" else float32_cfg(tiny_model_cfg)
     return policy_with_random_lora_b(cfg, seed=3)
 

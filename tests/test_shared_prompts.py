@@ -13,18 +13,13 @@ from test_chunked_logprobs import (
     float32_cfg,
     loss_and_gradients,
     masked,
+    two_dtype_policy,  # noqa: F401  (the `policy` fixture: the tiny policy in 4-bit bfloat16 and in float32)
 )
 from test_rl import BAD, GOOD, ScriptedScorer, fit, lora_state, policy_with_random_lora_b, scripted_module
 
 from cqr_lightning.grpo.rollout import pack_rollout, response_log_probs
 from cqr_lightning.grpo.shared_prompts import shared_prompt_layout
 from cqr_lightning.models.loading import load_tokenizer
-
-
-@pytest.fixture(scope="module", params=["4-bit bfloat16", "float32"])
-def policy(request, tiny_model_cfg):
-    cfg = tiny_model_cfg if request.param == "4-bit bfloat16" else float32_cfg(tiny_model_cfg)
-    return policy_with_random_lora_b(cfg, seed=3)
 
 
 @pytest.fixture(scope="module")
