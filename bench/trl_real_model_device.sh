@@ -14,7 +14,8 @@
 # (`bench/trl_real_model.py --train-only`), then ours' tables and TRL's, side by side. SECONDS_LIMIT (default 560)
 # stops whatever runs at that many seconds after the start, so that the results still come back within a device
 # call; calling again on the same machine skips the phases that finished and starts a cut one afresh, so that each
-# training's wall time stays one uninterrupted run. With the warm-up done by an earlier call, the two trainings run in one call.
+# training's wall time stays one uninterrupted run. With the warm-up done by an earlier call, the two trainings run
+# in one call.
 # KEEP_ADAPTERS=1 also brings back ours' and TRL's trained adapters as ours_adapter.tar and trl_adapter.tar (about
 # 12 MB each), so that a table the deadline cut can be finished on a CPU (`python bench/trl_real_model.py ...
 # model.adapter=WARM run_dir=TRL_FOLDER`).
