@@ -110,7 +110,8 @@ fi
 
 cd "$runs" && find . \( -name '*.log' -o -name 'summary.json' -o -name 'trl_summary.json' -o -name 'curves.csv' \
   -o -name 'rewrites.jsonl' -o -name 'metrics.json' -o -name times.txt \) -size -8M | tar czf "$OUT/trl_real_model.tgz" -T -
-if [ -n "${KEEP_ADAPTERS:-}" ]; then  # each trained adapter (~11.5 MB) in a tar of its own: a file comes back up to 16 MiB
+# each trained adapter (~11.5 MB) in a tar of its own: a file comes back up to 16 MiB
+if [ -n "${KEEP_ADAPTERS:-}" ]; then
   for side in ours trl; do
     [ -d "$side/rl/adapter" ] && tar cf "$OUT/${side}_adapter.tar" "$side/rl/adapter"
   done
