@@ -1,9 +1,11 @@
-"""GRPO step time and peak memory with `rl.logprob_chunk_size` off and on, and with the sampling copy released
-during the loss passes (`rl.release_sampling_copy`) or kept, in one process (issue 16).
+"""GRPO step time and peak memory with `rl.logprob_chunk_size` off and on, with the sampling copy released
+during the loss passes (`rl.release_sampling_copy`) or kept, and with each prompt once a group in the loss passes
+(`rl.shared_prompt_passes`) or not, in one process (issue 16).
 
 Same workload and options as bench/grpo_step.py. One warm-up step (full logits; it compiles the static decoding),
 then `--rounds` rounds of one step per `--chunk-sizes` entry ("none" = full logits; "256+release" = chunks of 256
-with the copy released), so every setting shares one loaded policy, one compiled decoder and the machine's state.
+with the copy released; "256+release+shared" = the same with rl.shared_prompt_passes), so every setting shares one
+loaded policy, one compiled decoder and the machine's state.
 Before each step the allocator's cache is emptied and its peak counters reset, so each step's peak allocated and
 reserved memory are its own; the peak is also split into the sampling phase and the loss passes (reference
 log-probs + forward/backward + optimizer).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -29,31 +32,41 @@ GIB = 2**30
 
 
 RELEASE = "+release"
+SHARED = "+shared"
 
 
-def parse_setting(item: str) -> tuple[int | None, bool]:
-    """'256' -> (256, False); 'none+release' -> (None, True)."""
-    item = item.strip().lower()
-    release = item.endswith(RELEASE)
-    size_text = item.removesuffix(RELEASE)
+class Setting(NamedTuple):
+    """One step's loss-pass settings: rl.logprob_chunk_size, rl.release_sampling_copy, rl.shared_prompt_passes."""
+
+    chunk_size: int | None
+    release: bool = False
+    shared: bool = False
+
+
+def parse_setting(item: str) -> Setting:
+    """'256' -> Setting(256); 'none+release' -> Setting(None, release=True); '256+release+shared' -> all three."""
+    size_text, *suffixes = item.strip().lower().split("+")
+    unknown = {f"+{suffix}" for suffix in suffixes} - {RELEASE, SHARED}
+    if unknown:
+        raise ValueError(item)
     size = None if size_text in ("none", "null", "off") else int(size_text)
     if size is not None and size < 1:
         raise ValueError(size_text)
-    return size, release
+    return Setting(size, RELEASE[1:] in suffixes, SHARED[1:] in suffixes)
 
 
-def parse_chunk_sizes(text: str) -> list[tuple[int | None, bool]]:
+def parse_chunk_sizes(text: str) -> list[Setting]:
     try:
         return [parse_setting(item) for item in text.split(",")]
     except ValueError:
         raise SystemExit(
-            f"--chunk-sizes {text}: each entry is a positive token count or 'none', optionally followed by '{RELEASE}'"
+            f"--chunk-sizes {text}: each entry is a positive token count or 'none', optionally followed by "
+            f"'{RELEASE}' and/or '{SHARED}'"
         ) from None
 
 
-def setting_name(setting: tuple[int | None, bool]) -> str:
-    size, release = setting
-    return f"{size}{RELEASE if release else ''}"
+def setting_name(setting: Setting) -> str:
+    return f"{setting.chunk_size}{RELEASE if setting.release else ''}{SHARED if setting.shared else ''}"
 
 
 def cuda() -> bool:
@@ -95,15 +108,18 @@ def phase_peaks_module(base_class):
 
 
 class Schedule(L.Callback):
-    """Sets `logprob_chunk_size` and `release_sampling_copy` before each step and records the step's time, phases
-    and peaks."""
+    """Sets `logprob_chunk_size`, `release_sampling_copy` and `shared_prompt_passes` before each step and records the
+    step's time, phases and peaks."""
 
-    def __init__(self, settings: list[tuple[int | None, bool]]):
+    def __init__(self, settings: list[Setting]):
         self.settings = settings
         self.rows: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.logprob_chunk_size, pl_module.release_sampling_copy = self.settings[trainer.global_step]
+        setting = self.settings[trainer.global_step]
+        pl_module.logprob_chunk_size = setting.chunk_size
+        pl_module.release_sampling_copy = setting.release
+        pl_module.shared_prompt_passes = setting.shared
         if cuda():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -118,7 +134,10 @@ class Schedule(L.Callback):
             "warm_up": not self.rows,
             "logprob_chunk_size": pl_module.logprob_chunk_size,
             "release_sampling_copy": pl_module.release_sampling_copy,
-            "setting": setting_name((pl_module.logprob_chunk_size, pl_module.release_sampling_copy)),
+            "shared_prompt_passes": pl_module.shared_prompt_passes,
+            "setting": setting_name(
+                Setting(pl_module.logprob_chunk_size, pl_module.release_sampling_copy, pl_module.shared_prompt_passes)
+            ),
             "step_seconds": time.perf_counter() - self.start,
             "phases": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")},
             "response_tokens": float(trainer.callback_metrics["train/response_tokens"]),
@@ -137,7 +156,7 @@ def step_line(row: dict) -> str:
     return line
 
 
-def summarize(rows: list[dict], settings: list[tuple[int | None, bool]]) -> dict[str, dict]:
+def summarize(rows: list[dict], settings: list[Setting]) -> dict[str, dict]:
     """Per setting: mean step time and phases, and the highest peaks, over the timed (non-warm-up) steps."""
     summary = {}
     for name in dict.fromkeys(setting_name(setting) for setting in settings):
@@ -159,14 +178,16 @@ def main() -> None:
     parser.add_argument(
         "--chunk-sizes",
         default="none,1024",
-        help="comma-separated; 'none' = full logits; a '+release' suffix releases the sampling copy in the loss passes",
+        help="comma-separated; 'none' = full logits; a '+release' suffix releases the sampling copy in the loss "
+        "passes, a '+shared' suffix runs each prompt once a group in them (rl.shared_prompt_passes)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="timed steps per chunk size")
     parser.add_argument("--label", default=None, help="name of the JSON summary (default from the workload)")
     parser.add_argument("--tiny-cpu", action="store_true", help="dry run on the CPU with conf/model/tiny.yaml")
     args = parser.parse_args()
     settings = parse_chunk_sizes(args.chunk_sizes)
-    schedule = [(None, False)] + settings * args.rounds  # warm-up with full logits, then the settings in turn
+    # warm-up with full logits (and --shared-prompts as given), then the settings in turn
+    schedule = [Setting(None, False, args.shared_prompts)] + settings * args.rounds
 
     from cqr_lightning.modules.rl import RLModule
     from data_modules.conversations import ConversationDataModule

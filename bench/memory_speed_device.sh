@@ -12,6 +12,7 @@
 # (about 60 MB with the tracked files, under the 64 MiB a call carries) that runs
 # `bash bench/prepare_device_carry.sh --install` first. They are built here by bench/prepare_device_carry.sh. Logs and JSON summaries go to $OUT.
 # EXTRA adds options of bench/memory_speed.py to both workloads (e.g. EXTRA="--no-upcast --static-bucket 256").
+# PAPER_SECONDS (default 240) bounds the paper-length process (a warm-up step of about 55 s, then about 19 s a step).
 # DRY_RUN=1 runs both workloads on the CPU with the tiny model, 1 prompt, 4-token responses (checks the script only).
 set -u
 data=${1:-/tmp/data}
@@ -50,4 +51,4 @@ measure() {  # LABEL SECONDS ARGS...
 workloads=" ${WORKLOADS:-r256 paper} "  # WORKLOADS=paper runs the paper's lengths only
 [[ $workloads == *" r256 "* ]] && measure r256 200 --prompts 4 --response 256 --micro-batch 8 --rounds 2
 [[ $workloads == *" paper "* ]] &&
-  measure paper 240 --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1
+  measure paper "${PAPER_SECONDS:-240}" --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1

@@ -11,11 +11,11 @@
 #   overrides, e.g. rl.micro_batch_size=128, which is also TRL's per_device_train_batch_size, go to both).
 #
 # Order: the warm-up, ours' training (`train.py stage=rl` from the warm-up adapter), TRL's training
-# (`bench/trl_real_model.py --train-only`), then ours' tables and TRL's, side by side. SECONDS_LIMIT (default 560)
-# stops whatever runs at that many seconds after the start, so that the results still come back within a device
-# call; calling again on the same machine skips the phases that finished and starts a cut one afresh, so that each
-# training's wall time stays one uninterrupted run. With the warm-up done by an earlier call, the two trainings run
-# in one call.
+# (`bench/trl_real_model.py --train-only`), then ours' tables and TRL's, side by side (each side's once its adapter
+# exists). SECONDS_LIMIT (default 560) stops whatever runs at that many seconds after the start, so that the results
+# still come back within a device call; calling again on the same machine skips the phases that finished and starts
+# a cut one afresh, so that each training's wall time stays one uninterrupted run. With the warm-up done by an earlier
+# call, the two trainings run in one call.
 # KEEP_ADAPTERS=1 also brings back ours' and TRL's trained adapters as ours_adapter.tar and trl_adapter.tar (about
 # 12 MB each), so that a table the deadline cut can be finished on a CPU (`python bench/trl_real_model.py ...
 # model.adapter=WARM run_dir=TRL_FOLDER`).
@@ -81,22 +81,22 @@ if [ -f "$runs/ours/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/trl
 fi
 
 # The two sides' tables run side by side (the GPU and the 16 cores have room for both; one after the other they took
-# about 53 s each, 20 of them starting up, which cut TRL's last table at the deadline in the seed-4 call).
-if [ -f "$runs/trl/rl/adapter/adapter_model.safetensors" ]; then
-  if [ ! -f "$runs/ours/eval/summary.json" ]; then
-    # the pipeline in ours' folder finds the warm-up and GRPO finished and only evaluates (model.adapter as its
-    # `stage=rl` recorded it, or the folder's settings check stops the run)
-    until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" "model.adapter=$runs/ours/warmup/adapter" \
-      eval.untuned_row=false eval.warmup_row=false "${ours_only[@]}" >>"$runs/ours_tables.log" 2>&1 &
-  fi
-  if ! grep -q '"tables"' "$runs/trl/trl_summary.json" 2>/dev/null; then
-    until_deadline python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" \
-      >>"$runs/trl_tables.log" 2>&1 &
-  fi
-  wait
-  grep -hE "after GRPO|after TRL GRPO|searched with|Error" "$runs/ours_tables.log" "$runs/trl_tables.log" 2>/dev/null \
-    | tail -16
+# about 53 s each, 20 of them starting up, which cut TRL's last table at the deadline in the seed-4 call). Each side's
+# tables need only its own adapter: when TRL's training fails (seed 5: a sampling assert at step 35), ours' still run.
+if [ -f "$runs/ours/rl/adapter/adapter_model.safetensors" ] && [ ! -f "$runs/ours/eval/summary.json" ]; then
+  # the pipeline in ours' folder finds the warm-up and GRPO finished and only evaluates (model.adapter as its
+  # `stage=rl` recorded it, or the folder's settings check stops the run)
+  until_deadline python3 train.py "${common[@]}" "run_dir=$runs/ours" "model.adapter=$runs/ours/warmup/adapter" \
+    eval.untuned_row=false eval.warmup_row=false "${ours_only[@]}" >>"$runs/ours_tables.log" 2>&1 &
 fi
+trl_tabled() { grep -q '"tables"' "$runs/trl/trl_summary.json" 2>/dev/null; }
+if [ -f "$runs/trl/rl/adapter/adapter_model.safetensors" ] && ! trl_tabled; then
+  until_deadline python3 bench/trl_real_model.py "${common[@]}" "model.adapter=$adapter" "run_dir=$runs/trl" \
+    >>"$runs/trl_tables.log" 2>&1 &
+fi
+wait
+grep -hE "after GRPO|after TRL GRPO|searched with|Error" "$runs/ours_tables.log" "$runs/trl_tables.log" 2>/dev/null \
+  | tail -16
 
 if [ -n "${UNSLOTH:-}" ] && [ -f "$runs/trl/trl_summary.json" ] && [ ! -f "$runs/unsloth/trl_summary.json" ]; then
   rm -rf "$runs/unsloth"
