@@ -16,9 +16,10 @@
 # still come back within a device call; calling again on the same machine skips the phases that finished and starts
 # a cut one afresh, so that each training's wall time stays one uninterrupted run. With the warm-up done by an earlier
 # call, the two trainings run in one call.
-# KEEP_ADAPTERS=1 also brings back ours' and TRL's trained adapters as ours_adapter.tar and trl_adapter.tar (about
-# 12 MB each), so that a table the deadline cut can be finished on a CPU (`python bench/trl_real_model.py ...
-# model.adapter=WARM run_dir=TRL_FOLDER`).
+# KEEP_ADAPTERS=1 also brings back ours' and TRL's trained adapters as ours_adapter.tar.part-* and
+# trl_adapter.tar.part-* (ours 23 MB: float32 LoRA weights; TRL's 13 MB: bf16; in parts of at most 15 MiB, which
+# `cat SIDE_adapter.tar.part-* | tar x` joins), so that a table the deadline cut can be finished on a CPU
+# (`python bench/trl_real_model.py ... model.adapter=WARM run_dir=TRL_FOLDER`).
 # UNSLOTH=1 then runs the same through Unsloth (bench/trl_real_model.py --unsloth) once TRL's has finished, in a
 # further call that carried .gpu_whl_unsloth and ran `bench/prepare_device_carry.sh --install`.
 #
@@ -110,10 +111,11 @@ fi
 
 cd "$runs" && find . \( -name '*.log' -o -name 'summary.json' -o -name 'trl_summary.json' -o -name 'curves.csv' \
   -o -name 'rewrites.jsonl' -o -name 'metrics.json' -o -name times.txt \) -size -8M | tar czf "$OUT/trl_real_model.tgz" -T -
-# each trained adapter (~11.5 MB) in a tar of its own: a file comes back up to 16 MiB
+# each trained adapter in a tar of its own, cut into parts: a file comes back up to 16 MiB (the seed-6 call lost
+# ours' whole 23-MB tar)
 if [ -n "${KEEP_ADAPTERS:-}" ]; then
   for side in ours trl; do
-    [ -d "$side/rl/adapter" ] && tar cf "$OUT/${side}_adapter.tar" "$side/rl/adapter"
+    [ -d "$side/rl/adapter" ] && tar cf - "$side/rl/adapter" | split -b 15M - "$OUT/${side}_adapter.tar.part-"
   done
 fi
 ls -la "$OUT"
