@@ -51,4 +51,5 @@ measure() {  # LABEL SECONDS ARGS...
 workloads=" ${WORKLOADS:-r256 paper} "  # WORKLOADS=paper runs the paper's lengths only
 [[ $workloads == *" r256 "* ]] && measure r256 200 --prompts 4 --response 256 --micro-batch 8 --rounds 2
 [[ $workloads == *" paper "* ]] &&
-  measure paper "${PAPER_SECONDS:-240}" --prompts 2 --response 1024 --max-prompt 1536 --long-context --micro-batch 4 --rounds 1
+  measure paper "${PAPER_SECONDS:-240}" --prompts 2 --response 1024 --max-prompt 1536 --long-context \
+    --micro-batch 4 --rounds 1
