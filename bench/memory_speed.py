@@ -46,13 +46,13 @@ class Setting(NamedTuple):
 def parse_setting(item: str) -> Setting:
     """'256' -> Setting(256); 'none+release' -> Setting(None, release=True); '256+release+shared' -> all three."""
     size_text, *suffixes = item.strip().lower().split("+")
-    unknown = {f"+{suffix}" for suffix in suffixes} - {RELEASE, SHARED}
-    if unknown:
+    flags = {f"+{suffix}" for suffix in suffixes}
+    if flags - {RELEASE, SHARED}:
         raise ValueError(item)
     size = None if size_text in ("none", "null", "off") else int(size_text)
     if size is not None and size < 1:
         raise ValueError(size_text)
-    return Setting(size, RELEASE[1:] in suffixes, SHARED[1:] in suffixes)
+    return Setting(size, RELEASE in flags, SHARED in flags)
 
 
 def parse_chunk_sizes(text: str) -> list[Setting]:
